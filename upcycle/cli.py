@@ -1,0 +1,221 @@
+"""The ``upcycle`` command: each subcommand parses its flags and calls one typed function.
+
+    upcycle convert --layers 6 --experts 32 --out runs/smollm2-moe
+    upcycle inspect runs/smollm2-moe
+    upcycle eval runs/smollm2-moe --text play.txt --baseline
+    upcycle generate runs/smollm2-moe --prompt "Hello"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+
+from upcycle.errors import UpcycleError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 500MB, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn dense MLPs into MoE layers", description=(
+        "Turn the last N (or chosen) dense MLPs of a checkpoint into E-expert MoE layers: every expert a "
+        "copy of the MLP, a fresh router. Streams tensor by tensor; writes a Hugging Face style directory."))
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF model dir, .gguf file, hub repo id, or alias (default: smollm2-135m, embedded)")
+    p.add_argument("--out", help="output directory (default: runs/<model>-L<layers>-E<experts>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=int, help="upcycle the last N MLPs")
+    g.add_argument("--layer-ids", type=_int_list, help="upcycle these layers, e.g. 3,7,11")
+    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    p.add_argument("--routing", choices=["topk", "expert-choice"], default="topk")
+    p.add_argument("--top-k", type=int, default=2, help="K for top-K routing (default 2)")
+    p.add_argument("--no-normalize", action="store_true", help="top-K: keep raw softmax combine weights")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="top-K: cap each expert at ceil(c*n*K/E) tokens and drop the rest (default: dropless)")
+    p.add_argument("--capacity", type=float, default=2.0, help="expert choice: capacity factor C (default 2.0)")
+    p.add_argument("--ec-group", choices=["position", "sequence"], default="position",
+                   help="expert choice routing group: position (causal, default) or sequence (not causal)")
+    p.add_argument("--aux-loss-weight", type=float, default=0.01, help="Switch load-balancing loss weight")
+    p.add_argument("--z-loss-weight", type=float, default=0.001, help="router z-loss weight")
+    p.add_argument("--expert-noise", type=float, default=0.0, help="std of Gaussian noise added to each expert")
+    p.add_argument("--reinit-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of FFN units re-drawn")
+    p.add_argument("--router-std", type=float, default=0.02, help="router init std (default 0.02)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored precision (default: source's)")
+    p.add_argument("--max-shard-size", type=_size, default="2GB", help="output shard size (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_convert)
+
+
+def _convert(a) -> None:
+    from upcycle.config import ConvertConfig, MoEConfig
+    from upcycle.surgery.convert import convert
+
+    if a.layers is None and a.layer_ids is None:
+        raise UpcycleError("give --layers N or --layer-ids I,J,...")
+    out = a.out or os.path.join(
+        "runs", f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', os.path.basename(a.model.rstrip('/')))}"
+                f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}")
+    moe = MoEConfig(num_experts=a.experts, routing=a.routing, top_k=a.top_k, normalize_topk=not a.no_normalize,
+                    topk_capacity_factor=a.capacity_factor, capacity=a.capacity, ec_group=a.ec_group,
+                    aux_loss_weight=a.aux_loss_weight, z_loss_weight=a.z_loss_weight)
+    cfg = ConvertConfig(out=out, model=a.model, layers=a.layers, layer_ids=a.layer_ids, moe=moe,
+                        expert_noise=a.expert_noise, reinit_ratio=a.reinit_ratio, router_std=a.router_std,
+                        seed=a.seed, dtype=a.dtype, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
+                        progress=not a.no_progress)
+    r = convert(cfg)
+    summary = {"out": r.out, "layer_ids": r.layer_ids, "experts": r.num_experts, "gigabytes": r.bytes_written / 1e9,
+               "seconds": r.seconds, "mb_per_s": r.mb_per_s, "peak_rss_mb": r.peak_rss_mb}
+    if a.json:
+        print(json.dumps(summary))
+        return
+    print(f"wrote {r.out}: layers {','.join(map(str, r.layer_ids))} -> {r.num_experts} experts, "
+          f"{r.bytes_written / 1e9:.2f} GB in {r.seconds:.1f} s ({r.mb_per_s:.0f} MB/s), "
+          f"peak memory {r.peak_rss_mb:.0f} MB")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="describe a checkpoint",
+                       description="Architecture, MoE layers, experts, routing, parameters, dtype, size on disk.")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(a) -> None:
+    from upcycle.checkpoint import describe
+
+    info = describe(a.path)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    for k, v in info.items():
+        if v is None:
+            continue
+        if k.endswith("params") or k.endswith("per_token"):
+            v = f"{v:,} ({v / 1e6:.1f}M)"
+        elif k == "size_on_disk_bytes":
+            k, v = "size_on_disk", f"{v / 1e9:.2f} GB"
+        elif isinstance(v, list):
+            v = ",".join(map(str, v))
+        print(f"{k:<24} {v}")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity on a text file",
+                       description="Perplexity of a model (upcycled dir or any --model source) on a UTF-8 text.")
+    p.add_argument("path", help="upcycled checkpoint dir, or any source convert accepts")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--baseline", nargs="?", const="@source", default=None,
+                   help="also evaluate this model (default when given without a value: the dense source)")
+    p.add_argument("--experts-backend", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
+
+
+def _eval(a) -> None:
+    from upcycle.inference import format_table, load_model_and_tokenizer, perplexity, read_text
+
+    text = read_text(a.text)
+    models = [a.path]
+    if a.baseline == "@source":
+        from upcycle.checkpoint import describe
+
+        info = describe(a.path)
+        if not info["upcycled"]:
+            raise UpcycleError("--baseline without a value needs an upcycled checkpoint (it evaluates its source)")
+        models.insert(0, info["source"])
+    elif a.baseline:
+        models.insert(0, a.baseline)
+    results = []
+    for spec in models:
+        model, tok = load_model_and_tokenizer(spec, a.experts_backend)
+        r = perplexity(model, tok, text, a.max_tokens, a.seq_len, a.batch_size, progress=not a.no_progress)
+        results.append({"model": spec, **r})
+        del model
+    if a.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return
+    print(format_table(["model", "tokens", "perplexity", "nll/token", "seconds"],
+                       [[r["model"], r["tokens"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", f"{r['seconds']:.1f}"]
+                        for r in results]))
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text",
+                       description="Generate a reply (chat template when the tokenizer has one).")
+    p.add_argument("path", help="upcycled checkpoint dir, or any source convert accepts")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--experts-backend", default="auto")
+    p.set_defaults(func=_generate)
+
+
+def _generate(a) -> None:
+    from upcycle.inference import generate, load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(a.path, a.experts_backend)
+    print(generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, not a.no_chat_template, a.seed))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from upcycle import __version__
+
+    parser = _Parser(prog="upcycle", description="Dense LLM checkpoints -> Mixture-of-Experts.")
+    parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_convert, _add_inspect, _add_eval, _add_generate):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, *_a, **_k: f"upcycle: warning: {msg}\n"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        args.func(args)
+    except UpcycleError as e:
+        print(f"upcycle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upcycle: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

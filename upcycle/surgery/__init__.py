@@ -1,0 +1,1 @@
+"""Dense -> MoE checkpoint surgery."""

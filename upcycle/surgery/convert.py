@@ -1,0 +1,338 @@
+"""Dense -> MoE conversion, streamed tensor by tensor.
+
+    upcycle convert --layers 6 --experts 32 --out runs/smollm2-moe
+
+Shape legend: E experts, F expert FFN size, D hidden size.
+
+The output tensor list is planned from the source's metadata before any data is read;
+then each output tensor is produced from one source tensor (one MLP's three for an expert
+tensor, written one expert at a time) and streamed into its shard. Output goes to a hidden
+temporary directory beside ``out``, ``config.json`` is written last, and the directory is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle import __version__
+from upcycle.config import ConvertConfig
+from upcycle.errors import UpcycleError
+from upcycle.sources import Source, open_source
+from upcycle.surgery.arch import ArchSpec, arch_for
+from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TMP_MARK = ".upcycle-tmp-"
+
+
+@dataclass
+class ConvertResult:
+    out: str
+    layer_ids: list[int]
+    num_experts: int
+    bytes_written: int
+    seconds: float
+    peak_rss_mb: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.seconds, 1e-9)
+
+
+def resolve_layer_ids(cfg: ConvertConfig, num_layers: int) -> list[int]:
+    if (cfg.layers is None) == (cfg.layer_ids is None):
+        raise UpcycleError("give exactly one of --layers N or --layer-ids I,J,...")
+    if cfg.layers is not None:
+        if not 1 <= cfg.layers <= num_layers:
+            raise UpcycleError(f"--layers must be between 1 and {num_layers} (the model's layer count), got {cfg.layers}")
+        return list(range(num_layers - cfg.layers, num_layers))
+    ids = list(cfg.layer_ids)
+    if not ids:
+        raise UpcycleError("--layer-ids is empty")
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UpcycleError(f"--layer-ids has duplicates: {','.join(map(str, dup))}")
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise UpcycleError(f"--layer-ids {','.join(map(str, bad))} out of range: the model has layers 0..{num_layers - 1}")
+    return sorted(ids)
+
+
+def _validate(cfg: ConvertConfig) -> None:
+    cfg.moe.validate()
+    if not (cfg.expert_noise >= 0 and math.isfinite(cfg.expert_noise)):
+        raise UpcycleError(f"--expert-noise must be >= 0, got {cfg.expert_noise}")
+    if not 0 <= cfg.reinit_ratio <= 1:
+        raise UpcycleError(f"--reinit-ratio must be between 0 and 1, got {cfg.reinit_ratio}")
+    if not cfg.router_std > 0:
+        raise UpcycleError(f"--router-std must be > 0, got {cfg.router_std}")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise UpcycleError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.max_shard_size < 1:
+        raise UpcycleError("max_shard_size must be positive")
+
+
+def _check_out(cfg: ConvertConfig) -> tuple[str, str]:
+    out = os.path.abspath(cfg.out)
+    parent = os.path.dirname(out)
+    if os.path.exists(out) and not cfg.overwrite:
+        raise UpcycleError(f"output {cfg.out} already exists (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UpcycleError(f"output {cfg.out} exists and is not a directory")
+    probe = parent
+    while not os.path.exists(probe):  # the first existing ancestor decides writability
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UpcycleError(f"cannot write output {cfg.out}: {probe} is not a writable directory")
+    return out, parent
+
+
+class _Plan:
+    """Which output tensors come from which source tensors."""
+
+    def __init__(self, src: Source, spec: ArchSpec, layer_ids: list[int], cfg: ConvertConfig, dtype: torch.dtype):
+        self.spec, self.cfg, self.dtype = spec, cfg, dtype
+        self.moe_layers = set(layer_ids)
+        E = cfg.moe.num_experts
+        bias = spec.has_bias(src.config)
+        names = src.tensor_names()
+        present = set(names)
+        self.outputs: list[tuple[TensorSpec, tuple]] = []  # (output spec, recipe)
+        self.mlp_shapes: dict = {}
+        done_layers: set[int] = set()
+        for name in names:
+            layer = self._moe_layer_of(name)
+            if layer is None:
+                shape, src_dtype = src.tensor_info(name)
+                out_dtype = dtype if src_dtype.is_floating_point else src_dtype
+                self.outputs.append((TensorSpec(name, tuple(shape), out_dtype), ("copy", name)))
+                continue
+            if layer in done_layers:
+                continue
+            done_layers.add(layer)
+            mp = spec.mlp_prefix(layer)
+            parts = ([spec.gate] if spec.gated else []) + [spec.up, spec.down]
+            need = [f"{mp}.{p}.weight" for p in parts] + ([f"{mp}.{p}.bias" for p in parts] if bias else [])
+            missing = [n for n in need if n not in present]
+            if missing:
+                raise UpcycleError(f"source has no tensor {missing[0]} (expected for a {spec.family} MLP)")
+            F, D = src.tensor_info(f"{mp}.{spec.up}.weight")[0]
+            up_name = "gate_up_proj" if spec.gated else "up_proj"
+            up_rows = 2 * F if spec.gated else F
+            self.mlp_shapes[layer] = (D, F)
+            self.outputs.append((TensorSpec(f"{mp}.router.weight", (E, D), dtype), ("router", layer)))
+            self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}", (E, up_rows, D), dtype), ("up", layer)))
+            if bias:
+                self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}_bias", (E, up_rows), dtype), ("up_bias", layer)))
+            self.outputs.append((TensorSpec(f"{mp}.experts.down_proj", (E, D, F), dtype), ("down", layer)))
+            if bias:
+                self.outputs.append((TensorSpec(f"{mp}.experts.down_proj_bias", (E, D), dtype), ("down_bias", layer)))
+        if done_layers != self.moe_layers:
+            missing = sorted(self.moe_layers - done_layers)
+            raise UpcycleError(f"source has no MLP tensors for layer {missing[0]}")
+
+    def _moe_layer_of(self, name: str) -> int | None:
+        prefix = self.spec.layers_prefix + "."
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix):]
+        idx, _, tail = rest.partition(".")
+        if not idx.isdigit() or int(idx) not in self.moe_layers:
+            return None
+        return int(idx) if tail.startswith(self.spec.mlp_name + ".") else None
+
+
+def _generator(seed: int, layer: int, expert: int, what: int) -> torch.Generator:
+    """A generator seeded per (seed, layer, expert, tensor): results do not depend on write order."""
+    key = hashlib.sha256(f"{seed}/{layer}/{expert}/{what}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
+class _ExpertFactory:
+    """Produces expert e of a layer: an exact copy, a noisy copy, or a Drop-Upcycling re-init."""
+
+    def __init__(self, cfg: ConvertConfig, layer: int, up_FD: torch.Tensor, down_DF: torch.Tensor):
+        self.cfg, self.layer = cfg, layer
+        self.up_FD, self.down_DF = up_FD, down_DF  # gated: up_FD is [2F, D] = cat(gate, up)
+
+    def _gen(self, expert: int, what: int) -> torch.Generator:
+        return _generator(self.cfg.seed, self.layer, expert, what)
+
+    def _drop_cols(self, expert: int, F: int) -> torch.Tensor | None:
+        if self.cfg.reinit_ratio <= 0:
+            return None
+        n = int(round(self.cfg.reinit_ratio * F))
+        return torch.randperm(F, generator=self._gen(expert, 0))[:n]
+
+    def make(self, expert: int, which: str, dtype: torch.dtype, gated: bool) -> torch.Tensor:
+        w = self.up_FD if which == "up" else self.down_DF
+        if self.cfg.expert_noise == 0 and self.cfg.reinit_ratio == 0:
+            return w.to(dtype)
+        w = w.float().clone()
+        F = self.down_DF.shape[1]
+        cols = self._drop_cols(expert, F)
+        if cols is not None and len(cols):
+            # Drop-Upcycling: re-draw the chosen FFN units from N(mean, std) of the original tensor.
+            if which == "up":
+                rows = torch.cat([cols, cols + F]) if gated else cols
+                new = torch.randn(len(rows), w.shape[1], generator=self._gen(expert, 1))
+                w[rows] = new * w.std() + w.mean()
+            else:
+                new = torch.randn(w.shape[0], len(cols), generator=self._gen(expert, 2))
+                w[:, cols] = new * w.std() + w.mean()
+        if self.cfg.expert_noise > 0:
+            w += self.cfg.expert_noise * torch.randn(w.shape, generator=self._gen(expert, 3 if which == "up" else 4))
+        return w.to(dtype)
+
+
+def _produce(src: Source, plan: _Plan, out_spec: TensorSpec, recipe: tuple, cache: dict, emit) -> None:
+    """Emit the bytes of one output tensor through ``emit(name, part)``."""
+    kind, arg = recipe
+    spec, cfg, dtype = plan.spec, plan.cfg, plan.dtype
+    if kind == "copy":
+        emit(out_spec.name, src.get_tensor(arg).to(out_spec.dtype))
+        return
+    layer = arg
+    mp = spec.mlp_prefix(layer)
+    E = cfg.moe.num_experts
+    if kind == "router":
+        g = _generator(cfg.seed, layer, -1, 0)
+        emit(out_spec.name, (torch.randn(out_spec.shape, generator=g) * cfg.router_std).to(dtype))
+        return
+    if kind in ("up", "down"):
+        if layer not in cache:
+            cache.clear()  # one layer's dense MLP in memory at a time
+            up = src.get_tensor(f"{mp}.{spec.up}.weight")
+            if spec.gated:
+                up = torch.cat([src.get_tensor(f"{mp}.{spec.gate}.weight"), up])
+            cache[layer] = _ExpertFactory(cfg, layer, up, src.get_tensor(f"{mp}.{spec.down}.weight"))
+        factory = cache[layer]
+        for e in range(E):
+            emit(out_spec.name, factory.make(e, kind, dtype, spec.gated))
+        return
+    # Biases are copied unchanged into every expert.
+    if kind == "up_bias":
+        b = src.get_tensor(f"{mp}.{spec.up}.bias")
+        if spec.gated:
+            b = torch.cat([src.get_tensor(f"{mp}.{spec.gate}.bias"), b])
+    else:
+        b = src.get_tensor(f"{mp}.{spec.down}.bias")
+    for _ in range(E):
+        emit(out_spec.name, b.to(dtype))
+
+
+def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids, plan: _Plan) -> dict:
+    D, F = next(iter(plan.mlp_shapes.values()))
+    init = "copy"
+    if cfg.reinit_ratio > 0:
+        init = "drop-upcycling"
+    elif cfg.expert_noise > 0:
+        init = "noise"
+    return {
+        "version": __version__,
+        "base_model_type": spec.family,
+        "layer_ids": list(layer_ids),
+        "moe": asdict(cfg.moe),
+        "mlp": {"hidden_size": D, "ffn_size": F, "gated": spec.gated,
+                "activation": spec.activation(src.config), "bias": spec.has_bias(src.config)},
+        "init": {"method": init, "expert_noise": cfg.expert_noise, "reinit_ratio": cfg.reinit_ratio,
+                 "router_std": cfg.router_std, "seed": cfg.seed},
+        "source": {"model": src.spec, "kind": src.kind, "fingerprint": src.fingerprint},
+    }
+
+
+def _write_config(src: Source, tmp: str, section: dict, dtype: torch.dtype) -> None:
+    from upcycle.modeling import upcycled_config_class
+
+    cls = upcycled_config_class(section["base_model_type"])
+    d = src.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "upcycle"):
+        d.pop(key, None)
+    config = cls(**d)
+    config.upcycle = section
+    config.architectures = [f"Upcycle{type(src.config).__name__.removesuffix('Config')}ForCausalLM"]
+    config.dtype = dtype
+    config.save_pretrained(tmp)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def convert(cfg: ConvertConfig) -> ConvertResult:
+    """Upcycle ``cfg.model`` into an MoE checkpoint at ``cfg.out``. See ``ConvertConfig``."""
+    _validate(cfg)
+    out, parent = _check_out(cfg)
+    t0 = time.perf_counter()
+    with open_source(cfg.model) as src:
+        spec = arch_for(src.config.model_type)
+        layer_ids = resolve_layer_ids(cfg, spec.num_layers(src.config))
+        dtype = DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype
+        plan = _Plan(src, spec, layer_ids, cfg, dtype)
+        if cfg.moe.routing == "expert-choice" and cfg.moe.ec_group == "sequence":
+            from upcycle.moe.router import SEQUENCE_EC_WARNING
+            import warnings
+            warnings.warn(SEQUENCE_EC_WARNING, stacklevel=2)
+        shards = plan_shards([o for o, _ in plan.outputs], cfg.max_shard_size)
+        total = sum(o.nbytes for o, _ in plan.outputs)
+        os.makedirs(parent, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if free < total * 1.02 + 64 * 2**20:
+            raise UpcycleError(
+                f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
+            )
+        section = _upcycle_section(src, spec, cfg, layer_ids, plan)
+        tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
+        recipes = dict((o.name, r) for o, r in plan.outputs)
+        old_handler = signal.getsignal(signal.SIGTERM)
+        # SIGTERM cleans up like Ctrl-C; kill -9 cannot, which is why config.json comes last.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            os.makedirs(tmp)
+            names = shard_file_names(len(shards))
+            cache: dict = {}
+            with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not cfg.progress) as bar:
+                for specs, fname in zip(shards, names):
+                    writer = ShardWriter(os.path.join(tmp, fname), specs)
+                    try:
+                        for o in specs:
+                            _produce(src, plan, o, recipes[o.name], cache,
+                                     lambda n, part: bar.update(writer.write(n, part)))
+                    except BaseException:
+                        writer.abort()
+                        raise
+                    writer.close()
+            write_index(tmp, shards, names)
+            src.save_tokenizer(tmp)
+            src.generation_config().save_pretrained(tmp)
+            _write_config(src, tmp, section, dtype)
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+    return ConvertResult(out=cfg.out, layer_ids=layer_ids, num_experts=cfg.moe.num_experts, bytes_written=total,
+                         seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is removed only after the new one is in place."""
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = f"{os.path.dirname(out)}/.{os.path.basename(out)}.upcycle-old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
