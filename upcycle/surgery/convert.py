@@ -293,6 +293,7 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
                 f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
             )
         section = _upcycle_section(src, spec, cfg, layer_ids, plan)
+        _remove_stale_tmp(parent, os.path.basename(out))
         tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
         recipes = dict((o.name, r) for o, r in plan.outputs)
         old_handler = signal.getsignal(signal.SIGTERM)
@@ -325,6 +326,25 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
             signal.signal(signal.SIGTERM, old_handler)
     return ConvertResult(out=cfg.out, layer_ids=layer_ids, num_experts=cfg.moe.num_experts, bytes_written=total,
                          seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
+
+
+def _remove_stale_tmp(parent: str, name: str) -> None:
+    """Remove temporary directories left by killed conversions to the same ``out``."""
+    prefix = f".{name}{TMP_MARK}"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(tmp: str, out: str) -> None:

@@ -1,0 +1,179 @@
+"""Bad input fails early and clearly (DESIGN.md 4.5); interrupted conversions leave nothing valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_dense
+
+from upcycle.cli import main
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "dense"
+    make_dense("llama", path)
+    return path
+
+
+def _snapshot(root):
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, files in os.walk(root) for f in files)
+
+
+def _fails(capsys, args, match, root):
+    before = _snapshot(root)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse errors exit directly
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and match in err, err
+    assert _snapshot(root) == before  # nothing written, nothing of the user's touched
+
+
+def _conv(src, out, *extra):
+    return ["convert", "--model", str(src), "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--layers", "0"], "--layers must be between 1 and 4"),
+    (["--layers", "5"], "--layers must be between 1 and 4"),
+    (["--layer-ids", "1,1"], "duplicates: 1"),
+    (["--layer-ids", "1,9"], "--layer-ids 9 out of range"),
+    (["--layer-ids", "a,b"], "comma-separated layer indices"),
+    (["--layers", "2", "--experts", "1"], "--experts must be at least 2"),
+    (["--layers", "2", "--top-k", "0"], "--top-k must be between 1 and"),
+    (["--layers", "2", "--experts", "4", "--top-k", "5"], "--top-k must be between 1 and"),
+    (["--layers", "2", "--routing", "expert-choice", "--capacity", "0"], "--capacity must be a positive"),
+    (["--layers", "2", "--capacity", "-1"], "--capacity must be a positive"),
+    (["--layers", "2", "--reinit-ratio", "1.5"], "--reinit-ratio must be between 0 and 1"),
+    (["--layers", "2", "--expert-noise", "-0.1"], "--expert-noise must be >= 0"),
+    (["--experts", "4"], "give --layers N or --layer-ids"),
+])
+def test_bad_convert_numbers(capsys, tmp_path, dense_dir, extra, match):
+    _fails(capsys, _conv(dense_dir, tmp_path / "out", *extra), match, tmp_path)
+
+
+def test_missing_model(capsys, tmp_path):
+    _fails(capsys, _conv(tmp_path / "nope", tmp_path / "out", "--layers", "1"), "model not found", tmp_path)
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    _fails(capsys, _conv(tmp_path / "gpt2", tmp_path / "out", "--layers", "1"), "supported: gpt_neox, llama", tmp_path)
+
+
+def test_truncated_and_corrupted_safetensors(capsys, tmp_path):
+    make_dense("llama", tmp_path / "trunc")
+    f = tmp_path / "trunc" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _fails(capsys, _conv(tmp_path / "trunc", tmp_path / "out", "--layers", "1"), "trunc", tmp_path)
+    make_dense("llama", tmp_path / "garbled")
+    g = tmp_path / "garbled" / "model.safetensors"
+    raw = bytearray(g.read_bytes())
+    raw[8:40] = b"\xff" * 32
+    g.write_bytes(bytes(raw))
+    _fails(capsys, _conv(tmp_path / "garbled", tmp_path / "out", "--layers", "1"), "garbled", tmp_path)
+
+
+def test_existing_out_is_refused_and_kept(capsys, tmp_path, dense_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    _fails(capsys, _conv(dense_dir, out, "--layers", "1"), "already exists (pass --overwrite", tmp_path)
+
+
+def test_unwritable_out(capsys, tmp_path, dense_dir):
+    (tmp_path / "afile").write_text("x")
+    _fails(capsys, _conv(dense_dir, tmp_path / "afile" / "out", "--layers", "1"), "not a writable directory", tmp_path)
+
+
+def test_other_commands_bad_input(capsys, tmp_path):
+    _fails(capsys, ["inspect", str(tmp_path / "nope")], "checkpoint not found", tmp_path)
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, ["inspect", str(tmp_path / "empty")], "no config.json", tmp_path)
+    _fails(capsys, ["eval", str(tmp_path / "empty"), "--text", str(tmp_path / "none.txt")], "text file not found",
+           tmp_path)
+
+
+def test_convert_inspect_eval_generate(capsys, tmp_path, dense_dir):
+    out = tmp_path / "moe"
+    assert main(_conv(dense_dir, out, "--layers", "2", "--experts", "4", "--json")) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["layer_ids"] == [2, 3] and res["peak_rss_mb"] > 0
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_experts"] == 4
+    # --overwrite replaces a complete checkpoint with a complete one.
+    assert main(_conv(dense_dir, out, "--layers", "1", "--experts", "2", "--overwrite")) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["moe_layer_ids"] == [3]
+    for args in (["convert"], ["inspect"], ["eval"], ["generate"]):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--help"])
+        assert e.value.code == 0
+        assert "usage: upcycle" in capsys.readouterr().out
+
+
+# --- interrupted conversions -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_dense_dir(tmp_path_factory):
+    # Large enough that conversion takes a moment: 4 layers x 16 experts x 6 MB.
+    path = tmp_path_factory.mktemp("big") / "dense"
+    make_dense("llama", path, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=8)
+    return path
+
+
+def _start_and_wait_for_shard(src, out):
+    proc = subprocess.Popen([sys.executable, "-m", "upcycle", *_conv(src, out, "--layers", "4", "--experts", "16",
+                                                                      "--max-shard-size", "20MB", "--overwrite")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    parent = os.path.dirname(out)
+    while time.time() < deadline and proc.poll() is None:
+        tmps = [d for d in os.listdir(parent) if ".upcycle-tmp-" in d]
+        if tmps and len(os.listdir(os.path.join(parent, tmps[0]))) >= 2:  # mid-way through the shards
+            return proc
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"conversion did not start writing shards: {proc.communicate()}")
+
+
+def _valid_checkpoints(root):
+    return [d for d, _, files in os.walk(root) if "config.json" in files]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_interrupted_conversion_leaves_no_valid_checkpoint(tmp_path, big_dense_dir, sig):
+    out = tmp_path / "out"
+    proc = _start_and_wait_for_shard(big_dense_dir, out)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert not out.exists()
+    assert _valid_checkpoints(tmp_path) == []
+    if sig != signal.SIGKILL:  # a catchable signal cleans up its temporary directory too
+        assert proc.returncode == 130 and "interrupted" in err
+        assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, big_dense_dir, dense_dir):
+    out = tmp_path / "out"
+    assert main(_conv(dense_dir, out, "--layers", "1", "--experts", "2")) == 0
+    before = _snapshot(out)
+    proc = _start_and_wait_for_shard(big_dense_dir, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert _snapshot(out) == before
