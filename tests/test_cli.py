@@ -29,6 +29,7 @@ def _snapshot(root):
 
 def _fails(capsys, args, match, root):
     before = _snapshot(root)
+    capsys.readouterr()  # drop what building the fixture printed
     try:
         code = main(args)
     except SystemExit as e:  # argparse errors exit directly

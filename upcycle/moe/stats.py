@@ -1,0 +1,122 @@
+"""Routing statistics and model-wide helpers over every ``MoEBlock`` in a model.
+
+``summarize_routing`` reduces a ``Routing`` to a few detached device tensors (no sync);
+``RoutingStats.from_summary`` turns them into Python numbers when someone reads them.
+
+Shape legend:
+    T  tokens       E  experts      A  assignments (token, expert) pairs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from upcycle.errors import UpcycleError
+from upcycle.moe.router import Routing, z_loss
+
+if TYPE_CHECKING:
+    from upcycle.moe.block import MoEBlock
+
+
+@dataclass
+class RoutingStats:
+    """How one MoE layer routed the tokens of its latest forward pass."""
+
+    tokens_per_expert: list[int]
+    """Assignments each expert received (after capacity drops); sums to ``num_assignments``."""
+    num_tokens: int
+    """Tokens routed (B * S)."""
+    num_assignments: int
+    """(token, expert) pairs that reached an expert."""
+    dropped_fraction: float
+    """Top-K with a capacity factor: dropped assignments / requested assignments (T * K)."""
+    unrouted_fraction: float
+    """Tokens that reached no expert at all (dropped everywhere, or picked by no expert)."""
+    entropy: float
+    """Mean per-token entropy of the router probabilities, in nats (log E when uniform)."""
+    z: float
+    """Mean squared logsumexp of the router logits (what the z-loss penalises)."""
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Tensor | int]) -> "RoutingStats":
+        tpe = summary["tokens_per_expert"].tolist()
+        num_tokens, requested = int(summary["num_tokens"]), int(summary["num_requested"])
+        return cls(
+            tokens_per_expert=tpe,
+            num_tokens=num_tokens,
+            num_assignments=int(sum(tpe)),
+            dropped_fraction=int(summary["num_dropped"]) / requested if requested else 0.0,
+            unrouted_fraction=int(summary["num_unrouted"]) / num_tokens if num_tokens else 0.0,
+            entropy=float(summary["entropy"]),
+            z=float(summary["z"]),
+        )
+
+    @classmethod
+    def from_routing(cls, routing: Routing) -> "RoutingStats":
+        return cls.from_summary(summarize_routing(routing))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def probs_entropy(probs_TE: Tensor) -> Tensor:
+    """Mean over tokens of -sum_e p log p (nats); 0 log 0 counts as 0."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    return -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def summarize_routing(routing: Routing) -> dict[str, Tensor | int]:
+    """Detached device tensors (and shape-derived ints) for ``RoutingStats``; no host sync."""
+    T = routing.probs_TE.shape[0]
+    return {
+        "tokens_per_expert": routing.tokens_per_expert_E.detach(),
+        "num_tokens": T,
+        "num_requested": routing.num_requested,
+        "num_dropped": routing.num_dropped.detach(),
+        "num_unrouted": routing.num_unrouted.detach(),
+        "entropy": probs_entropy(routing.probs_TE.detach()),
+        "z": z_loss(routing.logits_TE.detach()),
+    }
+
+
+def moe_blocks(model: nn.Module) -> dict[str, "MoEBlock"]:
+    """Every ``MoEBlock`` in ``model``, by qualified module name, in module order."""
+    from upcycle.moe.block import MoEBlock
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoEBlock)}
+
+
+def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
+    """The latest forward's ``RoutingStats`` of every MoE block that recorded some."""
+    out = {}
+    for name, block in moe_blocks(model).items():
+        stats = block.last_stats
+        if stats is not None:
+            out[name] = stats
+    return out
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the MoE blocks' auxiliary losses from the latest training forward; None if none."""
+    losses = [b.aux_loss for b in moe_blocks(model).values() if b.aux_loss is not None]
+    if not losses:
+        return None
+    device = losses[0].device  # blocks may sit on different devices (pipeline parallel)
+    return torch.stack([loss.float().to(device) for loss in losses]).sum()
+
+
+def set_experts_backend(model: nn.Module, name: str) -> None:
+    """Use experts backend ``name`` in every MoE block of ``model``."""
+    from upcycle.moe.experts import EXPERT_BACKENDS
+
+    if name not in EXPERT_BACKENDS:
+        raise UpcycleError(f"unknown experts backend {name!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+    for block in moe_blocks(model).values():
+        block.set_backend(name)
