@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -79,14 +78,26 @@ def write_synthetic(path: str, gb: float, shard_bytes: int) -> tuple[int, int, i
 
 
 def _child_rss_mb(cmd: list[str]) -> tuple[float, str, float]:
-    """Run ``cmd``; (peak RSS of the child in MB, its stdout, seconds)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``cmd``; (peak RSS of the child in MB, sampled every 20 ms; its stdout; seconds).
+
+    Sampled rather than read from ru_maxrss: Linux carries the parent's high-water mark
+    across fork + exec, so a child's ru_maxrss would include this script's own footprint.
+    """
+    import psutil
+
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all waited-for children: run the big one last.
-    return max(after, before) / 1024, out, seconds
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+    return peak / 2**20, out, time.perf_counter() - t0
 
 
 def main() -> None:

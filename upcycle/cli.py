@@ -160,12 +160,19 @@ def _eval(a) -> None:
         r = perplexity(model, tok, text, a.max_tokens, a.seq_len, a.batch_size, progress=not a.no_progress)
         results.append({"model": spec, **r})
         del model
+    diff = None
+    if len(results) == 2:  # same tokeniser and windows, so the logits line up
+        diff = (results[0]["first_logits"] - results[1]["first_logits"]).abs().max().item()
+    for r in results:
+        del r["first_logits"]
     if a.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print(json.dumps({"results": results, "max_abs_logit_diff": diff} if diff is not None else results[0], indent=2))
         return
     print(format_table(["model", "tokens", "perplexity", "nll/token", "seconds"],
                        [[r["model"], r["tokens"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", f"{r['seconds']:.1f}"]
                         for r in results]))
+    if diff is not None:
+        print(f"max |logit difference| on the first {a.seq_len}-token window: {diff:.3g}")
 
 
 def _add_generate(sub) -> None:

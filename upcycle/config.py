@@ -35,7 +35,9 @@ class MoEConfig:
     """Renormalise the K combine weights to sum to 1 (makes a fresh upcycle exact)."""
     topk_capacity_factor: float | None = None
     """Top-K only: None is dropless; a float c caps each expert at ceil(c * n * K / E)
-    assignments per routing group and drops the rest (those tokens keep the residual)."""
+    assignments per routing group (the batch) and drops the rest (those tokens keep the
+    residual). Applied while training only: dropping depends on other tokens, later ones
+    included, so evaluation and generation stay dropless and causal."""
     capacity: float = 2.0
     """Expert choice only: C; each expert takes T = min(n, ceil(C * n / E)) tokens of a group of n."""
     ec_group: ECGroup = "position"

@@ -54,6 +54,9 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
                batch_size: int = 4, progress: bool = True) -> dict:
     """Token-level perplexity over non-overlapping windows of ``seq_len`` tokens.
 
+    The result also holds ``first_logits`` ([seq_len, vocab], float32): the logits of the
+    first window, so two models can be compared logit by logit.
+
     Expert-choice routing groups tokens of one position across the batch, so for such
     models the result depends on ``batch_size`` (recorded in the output).
     """
@@ -72,18 +75,19 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
     batches = [full[i: i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[w] for w in windows if len(w) != seq_len]
     device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
+    nll_sum, count, first = 0.0, 0, None
     t0 = time.perf_counter()
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
         input_ids = torch.tensor(batch, device=device)
         logits = model(input_ids=input_ids).logits.float()
+        first = logits[0].cpu() if first is None else first
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         nll_sum += nll.sum().item()
         count += nll.numel()
     mean = nll_sum / count
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean), "seconds": time.perf_counter() - t0,
-            "seq_len": seq_len, "batch_size": batch_size}
+            "seq_len": seq_len, "batch_size": batch_size, "first_logits": first}
 
 
 @torch.no_grad()

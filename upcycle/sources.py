@@ -267,6 +267,11 @@ def _read_safetensors_header(path: Path) -> dict[str, Info]:
     return {name: (shape, dtype) for name, (shape, dtype, _) in entries.items()}
 
 
+def _close_handle(handle) -> None:
+    if hasattr(handle, "__exit__"):
+        handle.__exit__(None, None, None)
+
+
 class _HFDirSource(Source):
     """A Hugging Face model directory: config.json + model.safetensors, or an index + shards."""
 
@@ -336,14 +341,17 @@ class _HFDirSource(Source):
         from safetensors import safe_open
 
         file, key = self._where[name]
-        if file not in self._handles:  # opened on first use, kept until close()
+        if file not in self._handles:
+            # Pages read through a shard's mmap count as resident until it is unmapped: keep
+            # one shard open at a time, so memory stays near one shard, not the whole model.
+            while self._handles:
+                _close_handle(self._handles.pop(next(iter(self._handles))))
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         return self._handles[file].get_tensor(key)
 
     def close(self) -> None:
         for handle in self._handles.values():
-            if hasattr(handle, "__exit__"):
-                handle.__exit__(None, None, None)
+            _close_handle(handle)
         self._handles.clear()
 
     def _weight_files(self) -> list[Path]:
