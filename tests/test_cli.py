@@ -100,6 +100,15 @@ def test_unwritable_out(capsys, tmp_path, dense_dir):
     _fails(capsys, _conv(dense_dir, tmp_path / "afile" / "out", "--layers", "1"), "not a writable directory", tmp_path)
 
 
+def test_not_enough_disk_space(capsys, tmp_path, dense_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    _fails(capsys, _conv(dense_dir, tmp_path / "new" / "out", "--layers", "1"), "not enough free disk space", tmp_path)
+
+
 def test_other_commands_bad_input(capsys, tmp_path):
     _fails(capsys, ["inspect", str(tmp_path / "nope")], "checkpoint not found", tmp_path)
     (tmp_path / "empty").mkdir()

@@ -19,6 +19,7 @@ from upcycle.moe import MoEBlock
 from upcycle.surgery.arch import ARCHITECTURES, arch_for
 
 _CONFIG_CLASSES: dict[str, type] = {}
+_MODEL_CLASSES: dict[str, type] = {}
 
 
 def is_upcycled(config) -> bool:
@@ -53,6 +54,11 @@ def upcycled_config_class(base_model_type: str) -> type:
     return _CONFIG_CLASSES[base_model_type]
 
 
+def upcycled_model_class(base_model_type: str) -> type:
+    arch_for(base_model_type)
+    return _MODEL_CLASSES[base_model_type]
+
+
 def _register(base_model_type: str) -> None:
     base_config = CONFIG_MAPPING[base_model_type]
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
@@ -73,6 +79,7 @@ def _register(base_model_type: str) -> None:
     AutoConfig.register(model_type, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _CONFIG_CLASSES[base_model_type] = config_cls
+    _MODEL_CLASSES[base_model_type] = model_cls
     globals()[config_cls.__name__] = config_cls
     globals()[model_cls.__name__] = model_cls
 

@@ -90,12 +90,17 @@ def _check_out(cfg: ConvertConfig) -> tuple[str, str]:
         raise UpcycleError(f"output {cfg.out} already exists (pass --overwrite to replace it)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UpcycleError(f"output {cfg.out} exists and is not a directory")
-    probe = parent
-    while not os.path.exists(probe):  # the first existing ancestor decides writability
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UpcycleError(f"cannot write output {cfg.out}: {probe} is not a writable directory")
+    base = _existing_ancestor(parent)
+    if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+        raise UpcycleError(f"cannot write output {cfg.out}: {base} is not a writable directory")
     return out, parent
+
+
+def _existing_ancestor(path: str) -> str:
+    """``path`` or its nearest existing ancestor: what decides writability and free space."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 class _Plan:
@@ -253,7 +258,7 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
 
 
 def _write_config(src: Source, tmp: str, section: dict, dtype: torch.dtype) -> None:
-    from upcycle.modeling import upcycled_config_class
+    from upcycle.modeling import upcycled_config_class, upcycled_model_class
 
     cls = upcycled_config_class(section["base_model_type"])
     d = src.config.to_dict()
@@ -261,7 +266,7 @@ def _write_config(src: Source, tmp: str, section: dict, dtype: torch.dtype) -> N
         d.pop(key, None)
     config = cls(**d)
     config.upcycle = section
-    config.architectures = [f"Upcycle{type(src.config).__name__.removesuffix('Config')}ForCausalLM"]
+    config.architectures = [upcycled_model_class(section["base_model_type"]).__name__]
     config.dtype = dtype
     config.save_pretrained(tmp)
 
@@ -286,19 +291,20 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
             warnings.warn(SEQUENCE_EC_WARNING, stacklevel=2)
         shards = plan_shards([o for o, _ in plan.outputs], cfg.max_shard_size)
         total = sum(o.nbytes for o, _ in plan.outputs)
-        os.makedirs(parent, exist_ok=True)
-        free = shutil.disk_usage(parent).free
+        free = shutil.disk_usage(_existing_ancestor(parent)).free
         if free < total * 1.02 + 64 * 2**20:
             raise UpcycleError(
                 f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
             )
         section = _upcycle_section(src, spec, cfg, layer_ids, plan)
-        _remove_stale_tmp(parent, os.path.basename(out))
+        if os.path.isdir(parent):
+            _remove_stale_tmp(parent, os.path.basename(out))
         tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
         recipes = dict((o.name, r) for o, r in plan.outputs)
         old_handler = signal.getsignal(signal.SIGTERM)
         # SIGTERM cleans up like Ctrl-C; kill -9 cannot, which is why config.json comes last.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        os.makedirs(parent, exist_ok=True)
         try:
             os.makedirs(tmp)
             names = shard_file_names(len(shards))
