@@ -25,6 +25,14 @@ def _ids(batch=2, seq=12, seed=0):
     return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _logits_with_tail_changed(model, ids, t):
+    """Logits for ``ids`` and for ``ids`` with every token after position t replaced."""
+    changed = ids.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 7) % 128
+    with torch.no_grad():
+        return model(ids).logits, model(changed).logits
+
+
 @pytest.mark.parametrize("arch", sorted(TINY))
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_topk_upcycle_preserves_dense_logits(tmp_path, arch, backend):
@@ -64,12 +72,8 @@ def test_causal_routing_future_tokens_do_not_change_past_outputs(tmp_path, routi
     make_dense("llama", tmp_path / "dense")
     _convert(tmp_path / "dense", tmp_path / "moe", moe={"routing": routing}, expert_noise=0.05)
     moe = upcycle.load(str(tmp_path / "moe"))
-    ids = _ids(batch=4, seq=16)
-    changed = ids.clone()
     t = 9
-    changed[:, t + 1:] = (changed[:, t + 1:] + 7) % 128
-    with torch.no_grad():
-        a, b = moe(ids).logits, moe(changed).logits
+    a, b = _logits_with_tail_changed(moe, _ids(batch=4, seq=16), t)
     assert torch.equal(a[:, : t + 1], b[:, : t + 1])
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
@@ -80,11 +84,7 @@ def test_sequence_grouped_expert_choice_leaks_the_future_and_warns(tmp_path):
         _convert(tmp_path / "dense", tmp_path / "moe", expert_noise=0.05,
                  moe={"routing": "expert-choice", "ec_group": "sequence", "capacity": 1.0})
     moe = upcycle.load(str(tmp_path / "moe"))
-    ids = _ids(batch=1, seq=16)
-    changed = ids.clone()
-    changed[:, 10:] = (changed[:, 10:] + 7) % 128
-    with torch.no_grad():
-        a, b = moe(ids).logits, moe(changed).logits
+    a, b = _logits_with_tail_changed(moe, _ids(batch=1, seq=16), 9)
     # Later tokens changed which earlier tokens the experts picked: the past moved.
     assert not torch.allclose(a[:, :10], b[:, :10])
 
