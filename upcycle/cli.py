@@ -141,7 +141,7 @@ def _add_eval(sub) -> None:
 
 
 def _eval(a) -> None:
-    from upcycle.inference import format_table, load_model_and_tokenizer, perplexity, read_text
+    from upcycle.inference import format_table, load_model_and_tokenizer, perplexity, read_text, routing_table
 
     text = read_text(a.text)
     models = [a.path]
@@ -173,6 +173,9 @@ def _eval(a) -> None:
                         for r in results]))
     if diff is not None:
         print(f"max |logit difference| on the first {a.seq_len}-token window: {diff:.3g}")
+    for r in results:
+        if r["routing"]:
+            print(f"\nrouting of {r['model']} over the evaluated tokens:\n{routing_table(r['routing'])}")
 
 
 def _add_generate(sub) -> None:

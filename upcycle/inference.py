@@ -75,19 +75,38 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
     batches = [full[i: i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[w] for w in windows if len(w) != seq_len]
     device = next(model.parameters()).device
+    from upcycle.moe import RoutingStats, routing_stats
+
     nll_sum, count, first = 0.0, 0, None
+    routing: dict[str, list[RoutingStats]] = {}
     t0 = time.perf_counter()
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
         input_ids = torch.tensor(batch, device=device)
         logits = model(input_ids=input_ids).logits.float()
         first = logits[0].cpu() if first is None else first
+        for name, stats in routing_stats(model).items():
+            routing.setdefault(name, []).append(stats)
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         nll_sum += nll.sum().item()
         count += nll.numel()
     mean = nll_sum / count
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean), "seconds": time.perf_counter() - t0,
-            "seq_len": seq_len, "batch_size": batch_size, "first_logits": first}
+            "seq_len": seq_len, "batch_size": batch_size, "first_logits": first,
+            "routing": {name: RoutingStats.combine(s).to_dict() for name, s in routing.items()}}
+
+
+def routing_table(routing: dict[str, dict]) -> str:
+    """Per MoE layer: expert load spread, unrouted / dropped tokens, router entropy."""
+    rows = []
+    for name, s in routing.items():
+        loads = s["tokens_per_expert"]
+        share = [100 * c / max(1, s["num_assignments"]) for c in loads]
+        rows.append([name.removesuffix(".mlp"), len(loads), f"{min(share):.1f} / {max(share):.1f}",
+                     sum(c == 0 for c in loads), f"{100 * s['unrouted_fraction']:.1f}",
+                     f"{100 * s['dropped_fraction']:.1f}", f"{s['entropy']:.3f} / {math.log(len(loads)):.3f}"])
+    return format_table(["layer", "experts", "load % min / max", "idle experts", "unrouted %", "dropped %",
+                         "entropy / log E"], rows)
 
 
 @torch.no_grad()

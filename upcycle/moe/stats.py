@@ -63,6 +63,24 @@ class RoutingStats:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def combine(cls, stats: list["RoutingStats"]) -> "RoutingStats":
+        """Several forward passes as one: counts summed, fractions and means weighted by tokens."""
+        n = sum(s.num_tokens for s in stats)
+
+        def mean(field: str) -> float:
+            return sum(getattr(s, field) * s.num_tokens for s in stats) / n if n else 0.0
+
+        return cls(
+            tokens_per_expert=[sum(c) for c in zip(*(s.tokens_per_expert for s in stats))],
+            num_tokens=n,
+            num_assignments=sum(s.num_assignments for s in stats),
+            dropped_fraction=mean("dropped_fraction"),
+            unrouted_fraction=mean("unrouted_fraction"),
+            entropy=mean("entropy"),
+            z=mean("z"),
+        )
+
 
 def probs_entropy(probs_TE: Tensor) -> Tensor:
     """Mean over tokens of -sum_e p log p (nats); 0 log 0 counts as 0."""
