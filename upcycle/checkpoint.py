@@ -35,8 +35,8 @@ def _read_config(path: str) -> dict:
 def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | None = None, device=None):
     """Load an upcycled checkpoint as a ready (eval-mode) transformers model.
 
-    ``experts_backend``: ``auto`` (triton on CUDA where available, else grouped_mm where the
-    shapes allow, else loop), ``loop`` or ``grouped_mm``.
+    ``experts_backend``: ``auto`` (triton on CUDA, else grouped_mm where dtype and shapes
+    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``.
     """
     from transformers import AutoModelForCausalLM
 

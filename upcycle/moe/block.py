@@ -76,7 +76,7 @@ class MoEBlock(nn.Module):
         self._last_stats: RoutingStats | None = None
 
     def set_backend(self, name: str) -> None:
-        """Switch the experts backend (``auto``, ``loop``, ``grouped_mm``)."""
+        """Switch the experts backend (``auto``, ``loop``, ``grouped_mm``, ``triton``)."""
         self.experts.backend = name
 
     @property
@@ -112,7 +112,10 @@ class MoEBlock(nn.Module):
         # Extra leading dims fold into the batch; a 2-D input is a single sequence.
         x_BSD = hidden_states.reshape(-1, *shape[-2:])
         r = self.route(x_BSD)
-        y_TD = self.experts(x_BSD.reshape(-1, self.hidden_size), r.token_idx_A, r.expert_idx_A, r.weight_A)
+        # Expert choice returns assignments grouped by expert, the same count each: the
+        # triton backend then needs no sort.
+        y_TD = self.experts(x_BSD.reshape(-1, self.hidden_size), r.token_idx_A, r.expert_idx_A, r.weight_A,
+                            expert_major=self.cfg.routing == "expert-choice")
         self.aux_loss = self._aux_loss(r) if self.training else None
         self._last_stats = None
         self._stats_summary = summarize_routing(r) if self.record_stats else None

@@ -8,7 +8,10 @@ Backends (one entry point, ``StackedExperts.forward``):
 
 * ``loop``: the readable reference, one expert at a time.
 * ``grouped_mm``: ``torch.nn.functional.grouped_mm`` over expert-sorted tokens (CPU and CUDA).
-* ``auto``: the fastest one that supports the dtype and shapes.
+* ``triton``: the fused grouped-GEMM kernels of ``upcycle_kernels`` (CUDA; on the CPU only
+  under ``TRITON_INTERPRET=1``, for tests). Imported only when this backend runs.
+* ``auto``: the fastest one that supports the device, dtype and shapes: ``triton`` on CUDA,
+  else ``grouped_mm``, else ``loop``.
 
 Shape legend:
     T  tokens           D  hidden size         F  expert FFN size
@@ -18,6 +21,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ from transformers.activations import ACT2FN
 from upcycle.errors import UpcycleError
 from upcycle.moe.router import count_per_index
 
-EXPERT_BACKENDS = ("auto", "loop", "grouped_mm")
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,10 +49,39 @@ def grouped_mm_unsupported(dtype: torch.dtype, hidden: int, ffn: int) -> str | N
     return None
 
 
-def resolve_backend(name: str, dtype: torch.dtype, hidden: int, ffn: int) -> str:
-    """The backend that will actually run: validates ``name`` and resolves ``auto``."""
+def triton_unsupported(dtype: torch.dtype, activation: str, device=None) -> str | None:
+    """Why the ``triton`` backend cannot run these experts, or None if it can.
+
+    ``device`` None skips the device check (weights not yet where they will run).
+    """
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device is not None and torch.device(device).type != "cuda" and not interpreting:
+        return (f"triton needs CUDA (the expert weights are on {torch.device(device).type}); "
+                "set TRITON_INTERPRET=1 to run its kernels slowly on the CPU")
+    try:  # only here: machines that never run triton never import it
+        import upcycle_kernels
+    except Exception as e:  # not only ImportError: a triton without a usable driver can fail to import otherwise
+        return f"cannot import the triton kernels (upcycle_kernels): {e}"
+    return upcycle_kernels.unsupported(dtype, activation)
+
+
+def resolve_backend(name: str, dtype: torch.dtype, hidden: int, ffn: int, *, device=None,
+                    activation: str = "silu") -> str:
+    """The backend that will actually run: validates ``name`` and resolves ``auto``.
+
+    ``device``: where the expert weights are (None: unknown yet, so ``auto`` takes the CPU
+    rule and an explicit ``triton`` is not judged on its device).
+    """
     if name not in EXPERT_BACKENDS:
         raise UpcycleError(f"unknown experts backend {name!r}; valid: {', '.join(EXPERT_BACKENDS)}")
+    if name == "triton":
+        why = triton_unsupported(dtype, activation, device)
+        if why:
+            raise UpcycleError(f"experts backend 'triton' cannot run here: {why}")
+        return name
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if name == "auto" and on_cuda and triton_unsupported(dtype, activation, device) is None:
+        return "triton"
     why = grouped_mm_unsupported(dtype, hidden, ffn)
     if name == "grouped_mm" and why:
         raise UpcycleError(f"experts backend 'grouped_mm' cannot run here: {why}")
@@ -108,13 +141,20 @@ class StackedExperts(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        # Resolving now makes an unusable explicit choice fail at load, not mid-training.
-        resolve_backend(name, self.down_proj.dtype, self.hidden_size, self.ffn_size)
+        # Resolving now makes an unusable explicit choice fail at load, not mid-training. CPU
+        # weights on a CUDA machine usually move later (``model.cuda()``): their device is
+        # judged at forward instead.
+        device = self.down_proj.device
+        if device.type != "cuda" and torch.cuda.is_available():
+            device = None
+        resolve_backend(name, self.down_proj.dtype, self.hidden_size, self.ffn_size, device=device,
+                        activation=self.activation)
         self._backend = name
 
     def resolved_backend(self) -> str:
-        """The backend ``forward`` runs now (``auto`` resolved for the current dtype)."""
-        return resolve_backend(self._backend, self.down_proj.dtype, self.hidden_size, self.ffn_size)
+        """The backend ``forward`` runs now (``auto`` resolved for the current device and dtype)."""
+        return resolve_backend(self._backend, self.down_proj.dtype, self.hidden_size, self.ffn_size,
+                               device=self.down_proj.device, activation=self.activation)
 
     def reset_parameters(self) -> None:
         # Like nn.Linear, per expert: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -131,9 +171,16 @@ class StackedExperts(nn.Module):
                 f"gated={self.gated}, activation={self.activation!r}, bias={self.has_bias}, "
                 f"backend={self._backend!r}")
 
-    def forward(self, x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor) -> Tensor:
-        """x [T, D], assignments [A] -> y [T, D] in x's dtype; tokens with no assignment get 0."""
+    def forward(self, x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, *,
+                expert_major: bool = False) -> Tensor:
+        """x [T, D], assignments [A] -> y [T, D] in x's dtype; tokens with no assignment get 0.
+
+        ``expert_major``: the assignments come grouped by expert in expert order, A/E each
+        (expert-choice routing); the triton backend then skips its sort. Not checked.
+        """
         backend = self.resolved_backend()
+        if backend == "triton":
+            return self._forward_triton(x_TD, token_idx_A, expert_idx_A, weight_A, expert_major)
         run = {"loop": self._forward_loop, "grouped_mm": self._forward_grouped_mm}[backend]
         return run(x_TD, token_idx_A, expert_idx_A, weight_A)
 
@@ -154,6 +201,11 @@ class StackedExperts(nn.Module):
         acc = torch.promote_types(torch.float32, w_in.dtype)
         y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
         tok_A, _, w_A, counts_E = self._sort_by_expert(token_idx_A, expert_idx_A, weight_A)
+        # unbind once: indexing w[e] per expert would make autograd build a full [E, ...]
+        # zero gradient per expert in backward (O(E^2) work).
+        w_in_E, w_down_E = w_in.unbind(0), self.down_proj.unbind(0)
+        b_in_E = b_in.unbind(0) if b_in is not None else None
+        b_down_E = self.down_proj_bias.unbind(0) if self.has_bias else None
         start = 0
         for e, n in enumerate(counts_E.tolist()):
             if n == 0:
@@ -161,8 +213,8 @@ class StackedExperts(nn.Module):
             tok_N, w_N = tok_A[start:start + n], w_A[start:start + n]
             start += n
             x_ND = x_TD[tok_N].to(w_in.dtype)
-            h_NF = self._activate(F.linear(x_ND, w_in[e], None if b_in is None else b_in[e]))
-            out_ND = F.linear(h_NF, self.down_proj[e], None if not self.has_bias else self.down_proj_bias[e])
+            h_NF = self._activate(F.linear(x_ND, w_in_E[e], None if b_in_E is None else b_in_E[e]))
+            out_ND = F.linear(h_NF, w_down_E[e], None if b_down_E is None else b_down_E[e])
             y_TD.index_add_(0, tok_N, out_ND.to(acc) * w_N.unsqueeze(-1).to(acc))
         return y_TD.to(x_TD.dtype)
 
@@ -181,6 +233,13 @@ class StackedExperts(nn.Module):
         y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         y_TD.index_add_(0, tok_A, out_AD.float() * w_A.unsqueeze(-1).float())
         return y_TD.to(x_TD.dtype)
+
+    def _forward_triton(self, x_TD, token_idx_A, expert_idx_A, weight_A, expert_major: bool) -> Tensor:
+        from upcycle_kernels import moe_experts
+
+        return moe_experts(x_TD, token_idx_A, expert_idx_A, weight_A, self.w_in_EMD, self.down_proj, self.b_in_EM,
+                           self.down_proj_bias if self.has_bias else None, activation=self.activation,
+                           gated=self.gated, expert_major=expert_major)
 
 
 class _GradContiguous(torch.autograd.Function):
