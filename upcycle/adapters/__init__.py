@@ -1,0 +1,59 @@
+"""Adapters: LoRA on Linear layers and on stacked experts, saved in Hugging Face PEFT's format.
+
+    from upcycle.adapters import LoraConfig, apply_lora, save_adapter, load_adapter
+    model = upcycle.load("runs/smollm2-moe")
+    apply_lora(model, LoraConfig(r=8, alpha=16))       # attention q/k/v/o + every expert
+    ...train...
+    save_adapter(model, "runs/adapter", base_path="runs/smollm2-moe")
+"""
+
+from upcycle.adapters.inject import (
+    LORA_WRAPPERS,
+    LoraConfig,
+    apply_lora,
+    lora_modules,
+    match_modules,
+    merge_and_unload,
+    merge_lora,
+    trainable_summary,
+    unload_lora,
+    unmerge_lora,
+)
+from upcycle.adapters.lora import LoraExperts, LoraLinear, lora_scaling
+from upcycle.adapters.merge import load_base, merge_command
+from upcycle.adapters.peft_io import (
+    adapter_state_dict,
+    base_fingerprint,
+    check_base,
+    describe_adapter,
+    load_adapter,
+    lora_config_from_peft,
+    read_adapter_config,
+    save_adapter,
+)
+
+__all__ = [
+    "LORA_WRAPPERS",
+    "LoraConfig",
+    "LoraExperts",
+    "LoraLinear",
+    "adapter_state_dict",
+    "apply_lora",
+    "base_fingerprint",
+    "check_base",
+    "describe_adapter",
+    "load_adapter",
+    "load_base",
+    "lora_config_from_peft",
+    "lora_modules",
+    "lora_scaling",
+    "match_modules",
+    "merge_and_unload",
+    "merge_command",
+    "merge_lora",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_summary",
+    "unload_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,87 @@
+"""``upcycle merge ADAPTER --out DIR [--base PATH]``: a full checkpoint with the adapter folded in.
+
+    merge_command("runs/sft-adapter", "runs/sft-merged")
+
+The base is the adapter's recorded ``base_model_name_or_path`` unless ``base`` is given; its
+fingerprint must match the adapter's record. An upcycled base gives an upcycled checkpoint
+(``upcycle.load`` / ``AutoModelForCausalLM`` after ``import upcycle``), a dense one a plain
+transformers checkpoint. Written to a temporary directory beside ``out`` and renamed into
+place when complete; an existing ``out`` is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from upcycle.adapters.inject import lora_modules, merge_and_unload
+from upcycle.adapters.peft_io import check_base, load_adapter, read_adapter_config
+from upcycle.errors import UpcycleError
+
+TMP_MARK = ".upcycle-tmp-"
+
+
+def _is_upcycled_dir(path: str) -> bool:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg) as f:
+            return "upcycle" in json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_base(base: str):
+    """The base model an adapter applies to: ``upcycle.load`` for an upcycled dir, else the dense source."""
+    from upcycle.checkpoint import load
+    from upcycle.sources import open_source
+
+    if os.path.isdir(base) and _is_upcycled_dir(base):
+        return load(base)
+    with open_source(base) as src:
+        return src.load_dense_model()
+
+
+def merge_command(adapter_dir: str, out: str, base: str | None = None) -> dict:
+    """Merge the adapter in ``adapter_dir`` into its base and write the result to ``out``.
+
+    Returns a summary: ``out``, ``base``, ``upcycled`` (whether the result has MoE layers) and
+    ``merged_modules`` (how many wrapped modules were folded in).
+    """
+    from upcycle.sources import open_source
+
+    out = os.path.normpath(out)
+    if os.path.exists(out):
+        raise UpcycleError(f"{out} already exists; merge never overwrites: choose another --out")
+    raw = read_adapter_config(adapter_dir)
+    base = base or raw.get("base_model_name_or_path")
+    if not base:
+        raise UpcycleError(f"adapter {adapter_dir} does not record its base model: pass --base")
+    if not os.path.exists(base):
+        try:
+            open_source(base).close()  # an alias or hub id is fine; anything else is a clear error
+        except UpcycleError as e:
+            raise UpcycleError(f"base model of adapter {adapter_dir} not found ({e}); pass --base") from None
+    check_base(adapter_dir, raw, base)  # before loading anything big
+    model = load_base(base)
+    load_adapter(model, adapter_dir, base_path=base, verify_base=False)
+    n = len(lora_modules(model))
+    merge_and_unload(model)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        with open_source(base) as src:
+            src.save_tokenizer(tmp)
+            if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
+                src.generation_config().save_pretrained(tmp)
+        if os.path.exists(out):  # appeared while we were writing
+            raise UpcycleError(f"{out} already exists; merge never overwrites: choose another --out")
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": out, "base": base, "upcycled": _is_upcycled_dir(out), "merged_modules": n}
