@@ -187,3 +187,22 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, big_dense_dir,
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert _snapshot(out) == before
+
+
+def test_merge_and_inspect_adapter_commands(capsys, tmp_path, dense_dir):
+    import upcycle
+    from upcycle.adapters import LoraConfig, apply_lora, save_adapter
+
+    assert main(_conv(dense_dir, tmp_path / "moe", "--layers", "2", "--experts", "4")) == 0
+    model = apply_lora(upcycle.load(str(tmp_path / "moe")), LoraConfig(r=4))
+    save_adapter(model, str(tmp_path / "adapter"), str(tmp_path / "moe"))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged" in capsys.readouterr().out
+    assert (tmp_path / "merged" / "config.json").is_file()
+    # An existing --out is refused; a base that is not the adapter's is refused.
+    _fails(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")], "exists", tmp_path)
+    _fails(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m2"), "--base", str(dense_dir)],
+           "fingerprint", tmp_path)

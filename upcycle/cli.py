@@ -98,8 +98,9 @@ def _convert(a) -> None:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="describe a checkpoint",
-                       description="Architecture, MoE layers, experts, routing, parameters, dtype, size on disk.")
+    p = sub.add_parser("inspect", help="describe a checkpoint or an adapter",
+                       description="Architecture, MoE layers, experts, routing, parameters, dtype, size on disk; "
+                                   "for an adapter directory: its targets, rank, parameters and base.")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
@@ -108,7 +109,12 @@ def _add_inspect(sub) -> None:
 def _inspect(a) -> None:
     from upcycle.checkpoint import describe
 
-    info = describe(a.path)
+    if os.path.isfile(os.path.join(a.path, "adapter_config.json")):
+        from upcycle.adapters import describe_adapter
+
+        info = describe_adapter(a.path)
+    else:
+        info = describe(a.path)
     if a.json:
         print(json.dumps(info, indent=2))
         return
@@ -198,13 +204,35 @@ def _generate(a) -> None:
     print(generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, not a.no_chat_template, a.seed))
 
 
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model", description=(
+        "Fold a LoRA adapter into its base model and write a full checkpoint (an upcycled base gives an "
+        "upcycled checkpoint). The base is the one the adapter records unless --base is given."))
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_merge)
+
+
+def _merge(a) -> None:
+    from upcycle.adapters import merge_command
+
+    r = merge_command(a.adapter, a.out, base=a.base)
+    if a.json:
+        print(json.dumps(r))
+        return
+    kind = "upcycled" if r["upcycled"] else "dense"
+    print(f"wrote {r['out']}: {r['merged_modules']} LoRA modules merged into the {kind} base {r['base']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from upcycle import __version__
 
     parser = _Parser(prog="upcycle", description="Dense LLM checkpoints -> Mixture-of-Experts.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_convert, _add_inspect, _add_eval, _add_generate):
+    for add in (_add_convert, _add_inspect, _add_eval, _add_generate, _add_merge):
         add(sub)
     return parser
 
