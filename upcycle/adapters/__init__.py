@@ -20,6 +20,15 @@ from upcycle.adapters.inject import (
     unmerge_lora,
 )
 from upcycle.adapters.lora import LoraExperts, LoraLinear, lora_scaling
+from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from upcycle.adapters.qlora import (
+    DEFAULT_TARGETS,
+    NF4Linear,
+    NF4StackedExperts,
+    default_compute_dtype,
+    experts_identical,
+    quantize_model,
+)
 from upcycle.adapters.merge import load_base, merge_command
 from upcycle.adapters.peft_io import (
     adapter_state_dict,
@@ -32,7 +41,19 @@ from upcycle.adapters.peft_io import (
     save_adapter,
 )
 
+# QLoRA: LoRA over a frozen NF4 Linear (it is no nn.Linear, so it registers here).
+LORA_WRAPPERS[NF4Linear] = LoraLinear
+
 __all__ = [
+    "DEFAULT_TARGETS",
+    "NF4Linear",
+    "NF4StackedExperts",
+    "NF4Tensor",
+    "default_compute_dtype",
+    "dequantize_nf4",
+    "experts_identical",
+    "quantize_model",
+    "quantize_nf4",
     "LORA_WRAPPERS",
     "LoraConfig",
     "LoraExperts",

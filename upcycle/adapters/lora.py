@@ -64,9 +64,16 @@ class LoraLinear(nn.Module):
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.base_layer = base.requires_grad_(False)
+        # A quantised base (NF4Linear without bias) holds only buffers, in uint8: take its
+        # device from those and its dtype from the dtype it computes in.
         ref = next(base.parameters(), None)
+        ref = ref if ref is not None else next(base.buffers(), None)
         device = ref.device if ref is not None else None
-        dtype = dtype or _adapter_dtype(ref.dtype if ref is not None else torch.float32)
+        if ref is not None and ref.dtype.is_floating_point:
+            base_dtype = ref.dtype
+        else:
+            base_dtype = getattr(base, "compute_dtype", None) or torch.float32
+        dtype = dtype or _adapter_dtype(base_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -189,6 +196,8 @@ class LoraExperts(nn.Module):
 
     def _apply_delta(self, sign: float) -> None:
         b = self.base_layer
+        if getattr(b, "is_quantized", False):  # its weights are views dequantised on the fly
+            raise UpcycleError("cannot merge LoRA into quantised (NF4) experts: merge into the unquantised base")
         d_in, d_down = self.delta_weights()
         with torch.no_grad():
             b.w_in_EMD.add_(d_in.to(b.w_in_EMD.dtype), alpha=sign)
@@ -214,6 +223,8 @@ class LoraExperts(nn.Module):
         if backend != "loop" and grouped_mm_unsupported(base.down_proj.dtype, base.hidden_size, base.ffn_size):
             backend = "loop"
         run = self._forward_loop if backend == "loop" else self._forward_grouped_mm
+        if hasattr(base, "run_dense"):  # quantised base: dequantise once per forward, not per read
+            return base.run_dense(run, x_TD, token_idx_A, expert_idx_A, weight_A)
         return run(x_TD, token_idx_A, expert_idx_A, weight_A)
 
     def _lora(self, x_NI: Tensor, a_RI: Tensor, b_OR: Tensor, out_dtype: torch.dtype) -> Tensor:
