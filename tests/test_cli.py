@@ -55,10 +55,14 @@ def _conv(src, out, *extra):
     (["--layers", "2", "--top-k", "0"], "--top-k must be between 1 and"),
     (["--layers", "2", "--experts", "4", "--top-k", "5"], "--top-k must be between 1 and"),
     (["--layers", "2", "--routing", "expert-choice", "--capacity", "0"], "--capacity must be a positive"),
-    (["--layers", "2", "--capacity", "-1"], "--capacity must be a positive"),
+    (["--layers", "2", "--routing", "expert-choice", "--capacity", "-1"], "--capacity must be a positive"),
     (["--layers", "2", "--reinit-ratio", "1.5"], "--reinit-ratio must be between 0 and 1"),
     (["--layers", "2", "--expert-noise", "-0.1"], "--expert-noise must be >= 0"),
     (["--experts", "4"], "give --layers N or --layer-ids"),
+    (["--layers", "2", "--capacity", "1.25"], "--capacity does not apply to --routing topk"),
+    (["--layers", "2", "--routing", "expert-choice", "--top-k", "2"], "--top-k does not apply"),
+    (["--layers", "2", "--aux-loss-weight", "nan"], "--aux-loss-weight must be a finite number"),
+    (["--layers", "2", "--router-std", "inf"], "--router-std must be > 0"),
 ])
 def test_bad_convert_numbers(capsys, tmp_path, dense_dir, extra, match):
     _fails(capsys, _conv(dense_dir, tmp_path / "out", *extra), match, tmp_path)
@@ -206,3 +210,54 @@ def test_merge_and_inspect_adapter_commands(capsys, tmp_path, dense_dir):
     _fails(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")], "exists", tmp_path)
     _fails(capsys, ["merge", str(tmp_path / "adapter"), "--out", str(tmp_path / "m2"), "--base", str(dense_dir)],
            "fingerprint", tmp_path)
+
+
+def test_upcycled_source_and_source_as_out_are_refused(capsys, tmp_path, dense_dir):
+    import shutil
+
+    assert main(_conv(dense_dir, tmp_path / "moe", "--layers", "2", "--experts", "4")) == 0
+    _fails(capsys, _conv(tmp_path / "moe", tmp_path / "again", "--layers", "1"), "is already upcycled", tmp_path)
+    shutil.copytree(dense_dir, tmp_path / "src")
+    _fails(capsys, _conv(tmp_path / "src", tmp_path / "src", "--layers", "1", "--overwrite"),
+           "is the source model itself", tmp_path)
+
+
+def test_damaged_checkpoints_fail_in_one_line(capsys, tmp_path, dense_dir):
+    from safetensors.torch import load_file, save_file
+
+    assert main(_conv(dense_dir, tmp_path / "moe", "--layers", "2", "--experts", "4")) == 0
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 20)
+    f = tmp_path / "moe" / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.3.mlp.experts.down_proj"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    _fails(capsys, ["eval", str(tmp_path / "moe"), "--text", str(text)], "missing keys", tmp_path)
+    f.write_bytes(f.read_bytes()[:1000])
+    _fails(capsys, ["generate", str(tmp_path / "moe"), "--prompt", "hi"], "truncated", tmp_path)
+    (tmp_path / "moe" / "config.json").write_text("[1, 2]")
+    _fails(capsys, ["inspect", str(tmp_path / "moe")], "not a model config", tmp_path)
+    _fails(capsys, ["inspect", str(text)], "not a directory", tmp_path)
+
+
+def test_eval_and_generate_flags_are_checked_before_loading(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    # The model path does not exist: a flag error proves the check ran first.
+    for args, match in [(["eval", "nope", "--text", str(text), "--batch-size", "0"], "--batch-size must be"),
+                        (["eval", "nope", "--text", str(text), "--seq-len", "1"], "--seq-len must be"),
+                        (["generate", "nope", "--prompt", " "], "--prompt is empty"),
+                        (["generate", "nope", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens")]:
+        _fails(capsys, args, match, tmp_path)
+
+
+def test_checkpoint_moved_aside_by_a_killed_overwrite_is_restored(tmp_path, dense_dir, capsys):
+    out = tmp_path / "out"
+    assert main(_conv(dense_dir, out, "--layers", "1", "--experts", "2")) == 0
+    before = _snapshot(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.rename(tmp_path / f".out.upcycle-old-{dead.stdout.strip()}")  # killed between the two renames
+    # The next run puts it back, and then refuses to replace it without --overwrite.
+    assert main(_conv(dense_dir, out, "--layers", "1")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert _snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["out"]

@@ -2,6 +2,10 @@
 
 import sys
 
-from upcycle.cli import main
+try:  # importing torch and transformers takes seconds: Ctrl-C then must not print a traceback
+    from upcycle.cli import main
+except KeyboardInterrupt:
+    print("upcycle: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -27,9 +27,12 @@ def _read_config(path: str) -> dict:
         raise UpcycleError(f"{path} has no config.json: not a model directory")
     try:
         with open(cfg_path) as f:
-            return json.load(f)
+            raw = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UpcycleError(f"cannot read {cfg_path}: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("upcycle", {}), dict):
+        raise UpcycleError(f"{cfg_path} is not a model config (expected a JSON object)")
+    return raw
 
 
 def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | None = None, device=None):
@@ -42,10 +45,22 @@ def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | No
 
     from upcycle.moe import set_experts_backend
 
+    from pathlib import Path
+
+    from upcycle.sources import _read_safetensors_header
+
     raw = _read_config(path)
     if "upcycle" not in raw:
         raise UpcycleError(f"{path} is not an upcycled checkpoint (config.json has no 'upcycle' section)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    for f in _weight_files(path):  # truncated or garbled shards: one line now, not a traceback later
+        _read_safetensors_header(Path(f))
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+    # transformers leaves a missing expert tensor as uninitialised memory: refuse instead.
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    for kind, keys in bad.items():
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise UpcycleError(f"{path} does not match its config.json: {kind.replace('_', ' ')} {keys[0]}{more}")
     set_experts_backend(model, experts_backend)
     if device is not None:
         model.to(device)
@@ -88,25 +103,34 @@ def describe(path: str) -> dict:
     }
     up = raw.get("upcycle")
     if up:
-        moe = up["moe"]
-        E = moe["num_experts"]
-        # Experts a token passes through on average: K for top-K, about C for expert choice.
-        per_token = moe["top_k"] if moe["routing"] == "topk" else min(float(moe["capacity"]), E)
-        inactive = 0
-        for k, (shape, _) in shapes.items():
-            if ".experts." in k:
-                inactive += math.prod(shape) * (E - per_token) / E
-        info.update(
-            active_params_per_token=int(round(total - inactive)),
-            moe_layer_ids=up["layer_ids"],
-            num_experts=E,
-            routing=moe["routing"],
-            top_k=moe["top_k"] if moe["routing"] == "topk" else None,
-            capacity=moe["capacity"] if moe["routing"] == "expert-choice" else None,
-            ec_group=moe["ec_group"] if moe["routing"] == "expert-choice" else None,
-            init=up["init"]["method"],
-            source=up["source"]["model"],
-            source_fingerprint=up["source"]["fingerprint"],
-            upcycle_version=up["version"],
-        )
+        try:
+            info.update(_describe_moe(up, shapes, total))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UpcycleError(f"{path}/config.json has a malformed 'upcycle' section ({type(e).__name__}: {e})") from None
     return info
+
+
+def _describe_moe(up: dict, shapes: dict, total: int) -> dict:
+    """The MoE lines of ``describe``: layers, experts, routing, active parameters per token."""
+    moe = up["moe"]
+    E = moe["num_experts"]
+    # Experts a token passes through on average: K for top-K, about C for expert choice
+    # (with batch-1 decoding expert choice gives every token all E experts; see the README).
+    per_token = moe["top_k"] if moe["routing"] == "topk" else min(float(moe["capacity"]), E)
+    inactive = 0
+    for k, (shape, _) in shapes.items():
+        if ".experts." in k:
+            inactive += math.prod(shape) * (E - per_token) / E
+    return dict(
+        active_params_per_token=int(round(total - inactive)),
+        moe_layer_ids=up["layer_ids"],
+        num_experts=E,
+        routing=moe["routing"],
+        top_k=moe["top_k"] if moe["routing"] == "topk" else None,
+        capacity=moe["capacity"] if moe["routing"] == "expert-choice" else None,
+        ec_group=moe["ec_group"] if moe["routing"] == "expert-choice" else None,
+        init=up["init"]["method"],
+        source=up["source"]["model"],
+        source_fingerprint=up["source"]["fingerprint"],
+        upcycle_version=up["version"],
+    )

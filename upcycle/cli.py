@@ -49,12 +49,12 @@ def _add_convert(sub) -> None:
     g.add_argument("--layer-ids", type=_int_list, help="upcycle these layers, e.g. 3,7,11")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
     p.add_argument("--routing", choices=["topk", "expert-choice"], default="topk")
-    p.add_argument("--top-k", type=int, default=2, help="K for top-K routing (default 2)")
+    p.add_argument("--top-k", type=int, default=None, help="K for top-K routing (default 2)")
     p.add_argument("--no-normalize", action="store_true", help="top-K: keep raw softmax combine weights")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="top-K: cap each expert at ceil(c*n*K/E) tokens and drop the rest (default: dropless)")
-    p.add_argument("--capacity", type=float, default=2.0, help="expert choice: capacity factor C (default 2.0)")
-    p.add_argument("--ec-group", choices=["position", "sequence"], default="position",
+    p.add_argument("--capacity", type=float, default=None, help="expert choice: capacity factor C (default 2.0)")
+    p.add_argument("--ec-group", choices=["position", "sequence"], default=None,
                    help="expert choice routing group: position (causal, default) or sequence (not causal)")
     p.add_argument("--aux-loss-weight", type=float, default=0.01, help="Switch load-balancing loss weight")
     p.add_argument("--z-loss-weight", type=float, default=0.001, help="router z-loss weight")
@@ -76,11 +76,19 @@ def _convert(a) -> None:
 
     if a.layers is None and a.layer_ids is None:
         raise UpcycleError("give --layers N or --layer-ids I,J,...")
+    # A flag of the other routing would be silently ignored: refuse it instead.
+    other = ({"--capacity": a.capacity, "--ec-group": a.ec_group} if a.routing == "topk" else
+             {"--top-k": a.top_k, "--no-normalize": a.no_normalize or None, "--capacity-factor": a.capacity_factor})
+    for flag, value in other.items():
+        if value is not None:
+            hint = " (top-K's capacity is --capacity-factor)" if flag == "--capacity" else ""
+            raise UpcycleError(f"{flag} does not apply to --routing {a.routing}{hint}")
     out = a.out or os.path.join(
         "runs", f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', os.path.basename(a.model.rstrip('/')))}"
                 f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}")
-    moe = MoEConfig(num_experts=a.experts, routing=a.routing, top_k=a.top_k, normalize_topk=not a.no_normalize,
-                    topk_capacity_factor=a.capacity_factor, capacity=a.capacity, ec_group=a.ec_group,
+    moe = MoEConfig(num_experts=a.experts, routing=a.routing, top_k=2 if a.top_k is None else a.top_k, normalize_topk=not a.no_normalize,
+                    topk_capacity_factor=a.capacity_factor, capacity=2.0 if a.capacity is None else a.capacity,
+                    ec_group=a.ec_group or "position",
                     aux_loss_weight=a.aux_loss_weight, z_loss_weight=a.z_loss_weight)
     cfg = ConvertConfig(out=out, model=a.model, layers=a.layers, layer_ids=a.layer_ids, moe=moe,
                         expert_noise=a.expert_noise, reinit_ratio=a.reinit_ratio, router_std=a.router_std,
@@ -109,6 +117,10 @@ def _add_inspect(sub) -> None:
 def _inspect(a) -> None:
     from upcycle.checkpoint import describe
 
+    if not os.path.exists(a.path):
+        raise UpcycleError(f"checkpoint not found: {a.path}")
+    if not os.path.isdir(a.path):
+        raise UpcycleError(f"inspect takes a checkpoint or adapter directory; {a.path} is not a directory")
     if os.path.isfile(os.path.join(a.path, "adapter_config.json")):
         from upcycle.adapters import describe_adapter
 
@@ -140,15 +152,33 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline", nargs="?", const="@source", default=None,
                    help="also evaluate this model (default when given without a value: the dense source)")
-    p.add_argument("--experts-backend", default="auto")
+    _add_runtime_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
 
+def _add_runtime_flags(p) -> None:
+    from upcycle.moe.experts import EXPERT_BACKENDS
+
+    p.add_argument("--experts-backend", default="auto", choices=EXPERT_BACKENDS)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
+
+
+def _device(a) -> str:
+    import torch
+
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _eval(a) -> None:
     from upcycle.inference import format_table, load_model_and_tokenizer, perplexity, read_text, routing_table
 
+    # Checked before any model loads: on a large model a late error costs minutes.
+    for flag, value, least in (("--seq-len", a.seq_len, 2), ("--batch-size", a.batch_size, 1),
+                               ("--max-tokens", a.max_tokens, 2)):
+        if value is not None and value < least:
+            raise UpcycleError(f"{flag} must be at least {least}, got {value}")
     text = read_text(a.text)
     models = [a.path]
     if a.baseline == "@source":
@@ -162,7 +192,7 @@ def _eval(a) -> None:
         models.insert(0, a.baseline)
     results = []
     for spec in models:
-        model, tok = load_model_and_tokenizer(spec, a.experts_backend)
+        model, tok = load_model_and_tokenizer(spec, a.experts_backend, _device(a))
         r = perplexity(model, tok, text, a.max_tokens, a.seq_len, a.batch_size, progress=not a.no_progress)
         results.append({"model": spec, **r})
         del model
@@ -178,7 +208,7 @@ def _eval(a) -> None:
                        [[r["model"], r["tokens"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", f"{r['seconds']:.1f}"]
                         for r in results]))
     if diff is not None:
-        print(f"max |logit difference| on the first {a.seq_len}-token window: {diff:.3g}")
+        print(f"max |logit difference| on the first {results[0]['first_window']}-token window: {diff:.3g}")
     for r in results:
         if r["routing"]:
             print(f"\nrouting of {r['model']} over the evaluated tokens:\n{routing_table(r['routing'])}")
@@ -193,14 +223,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat-template", action="store_true")
-    p.add_argument("--experts-backend", default="auto")
+    _add_runtime_flags(p)
     p.set_defaults(func=_generate)
 
 
 def _generate(a) -> None:
     from upcycle.inference import generate, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(a.path, a.experts_backend)
+    if not a.prompt.strip():
+        raise UpcycleError("--prompt is empty")
+    if a.max_new_tokens < 1:
+        raise UpcycleError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if not a.temperature >= 0:
+        raise UpcycleError(f"--temperature must be >= 0, got {a.temperature}")
+    model, tok = load_model_and_tokenizer(a.path, a.experts_backend, _device(a))
     print(generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, not a.no_chat_template, a.seed))
 
 
@@ -245,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on stderr
         args.func(args)
     except UpcycleError as e:
         print(f"upcycle: error: {e}", file=sys.stderr)

@@ -65,8 +65,10 @@ class MoEConfig:
             raise UpcycleError(f"--capacity-factor must be a positive number, got {self.topk_capacity_factor}")
         if self.ec_group not in ("position", "sequence"):
             raise UpcycleError(f"ec_group must be 'position' or 'sequence', got {self.ec_group!r}")
-        if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
-            raise UpcycleError("auxiliary loss weights must be >= 0")
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UpcycleError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
 
 @dataclass
@@ -84,7 +86,7 @@ class ConvertConfig:
     moe: MoEConfig = field(default_factory=lambda: MoEConfig(num_experts=8))
     """Routing of the new MoE layers."""
     expert_noise: float = 0.0
-    """Std of Gaussian noise added to each expert copy (relative to nothing: absolute std)."""
+    """Std of the Gaussian noise added to every expert copy's weights (absolute, not relative)."""
     reinit_ratio: float = 0.0
     """Drop-Upcycling: fraction R of each expert's FFN columns re-initialised (0 <= R <= 1)."""
     router_std: float = 0.02

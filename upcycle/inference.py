@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,17 +16,15 @@ from tqdm.auto import tqdm
 from upcycle.errors import UpcycleError
 
 
-def load_model_and_tokenizer(spec: str, experts_backend: str = "auto"):
+def load_model_and_tokenizer(spec: str, experts_backend: str = "auto", device: str | None = None):
     """(model, tokenizer) for an upcycled checkpoint dir or any dense source ``--model`` accepts."""
     from transformers import AutoTokenizer
 
-    from upcycle.checkpoint import load
+    from upcycle.checkpoint import _read_config, load
 
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
-        with open(os.path.join(spec, "config.json")) as f:
-            upcycled = "upcycle" in json.load(f)
-        if upcycled:
-            model = load(spec, experts_backend=experts_backend)
+        if "upcycle" in _read_config(spec):
+            model = load(spec, experts_backend=experts_backend, device=device)
             try:
                 tok = AutoTokenizer.from_pretrained(spec)
             except (OSError, ValueError):
@@ -36,7 +33,8 @@ def load_model_and_tokenizer(spec: str, experts_backend: str = "auto"):
     from upcycle.sources import open_source
 
     with open_source(spec) as src:
-        return src.load_dense_model(), src.load_tokenizer()
+        model = src.load_dense_model()
+        return (model.to(device) if device else model), src.load_tokenizer()
 
 
 def read_text(path: str) -> str:
@@ -60,6 +58,8 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
     Expert-choice routing groups tokens of one position across the batch, so for such
     models the result depends on ``batch_size`` (recorded in the output).
     """
+    if batch_size < 1:
+        raise UpcycleError(f"--batch-size must be at least 1, got {batch_size}")
     if seq_len < 2:
         raise UpcycleError(f"--seq-len must be at least 2, got {seq_len}")
     if max_tokens is not None and max_tokens < 2:
@@ -92,7 +92,7 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
         count += nll.numel()
     mean = nll_sum / count
     return {"tokens": count, "nll": mean, "ppl": math.exp(mean), "seconds": time.perf_counter() - t0,
-            "seq_len": seq_len, "batch_size": batch_size, "first_logits": first,
+            "seq_len": seq_len, "batch_size": batch_size, "first_logits": first, "first_window": len(windows[0]),
             "routing": {name: RoutingStats.combine(s).to_dict() for name, s in routing.items()}}
 
 
@@ -126,9 +126,13 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    if input_ids.shape[1] == 0:
+        raise UpcycleError("the prompt encodes to no tokens")
+    input_ids = input_ids.to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(
-        input_ids=input_ids.to(next(model.parameters()).device), attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens, pad_token_id=pad,
         **sampling,
     )
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)

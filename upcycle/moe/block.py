@@ -95,7 +95,12 @@ class MoEBlock(nn.Module):
     def route(self, x_BSD: Tensor) -> Routing:
         """Routing for a [B, S, D] input (router in float32 whatever the model dtype)."""
         cfg = self.cfg
-        logits_BSE = F.linear(x_BSD.float(), self.router.weight.float())
+        if type(self.router) is nn.Linear:
+            # Route in float32 whatever the model dtype: near-ties between experts decide top-K.
+            logits_BSE = F.linear(x_BSD.float(), self.router.weight.float())
+        else:
+            # Wrapped by PEFT or a quantiser: its own forward must run for the wrapper to count.
+            logits_BSE = self.router(x_BSD).float()
         if cfg.routing == "topk":
             capacity = cfg.topk_capacity_factor if self.training else None
             return route_topk(logits_BSE.flatten(0, 1), cfg.top_k, normalize=cfg.normalize_topk,

@@ -86,6 +86,9 @@ def resolve_backend(name: str, dtype: torch.dtype, hidden: int, ffn: int, *, dev
     if name == "grouped_mm" and why:
         raise UpcycleError(f"experts backend 'grouped_mm' cannot run here: {why}")
     if name == "auto":
+        # torch.compile's meta check of grouped_mm accepts bf16 only (eager CPU takes fp32 too).
+        if why is None and dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            why = "grouped_mm under torch.compile needs bfloat16"
         return "loop" if why else "grouped_mm"
     return name
 

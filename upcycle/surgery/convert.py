@@ -34,6 +34,7 @@ from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_f
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TMP_MARK = ".upcycle-tmp-"
+OLD_MARK = ".upcycle-old-"
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _validate(cfg: ConvertConfig) -> None:
         raise UpcycleError(f"--expert-noise must be >= 0, got {cfg.expert_noise}")
     if not 0 <= cfg.reinit_ratio <= 1:
         raise UpcycleError(f"--reinit-ratio must be between 0 and 1, got {cfg.reinit_ratio}")
-    if not cfg.router_std > 0:
+    if not (math.isfinite(cfg.router_std) and cfg.router_std > 0):
         raise UpcycleError(f"--router-std must be > 0, got {cfg.router_std}")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise UpcycleError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
@@ -278,13 +279,26 @@ def _peak_rss_mb() -> float:
 def convert(cfg: ConvertConfig) -> ConvertResult:
     """Upcycle ``cfg.model`` into an MoE checkpoint at ``cfg.out``. See ``ConvertConfig``."""
     _validate(cfg)
+    target = os.path.abspath(cfg.out)
+    if os.path.isdir(os.path.dirname(target)):  # before the checks: a killed run may have moved `out` aside
+        _remove_stale_tmp(os.path.dirname(target), os.path.basename(target))
     out, parent = _check_out(cfg)
     t0 = time.perf_counter()
     with open_source(cfg.model) as src:
+        if isinstance(getattr(src.config, "upcycle", None), dict):
+            raise UpcycleError(f"{cfg.model} is already upcycled; convert its dense source "
+                               f"({src.config.upcycle.get('source', {}).get('model', 'recorded in its config.json')})")
+        if os.path.exists(out) and (os.path.samefile(out, src.path) or str(src.path).startswith(out + os.sep)):
+            raise UpcycleError(f"--out {cfg.out} is the source model itself; choose another output directory")
         spec = arch_for(src.config.model_type)
         layer_ids = resolve_layer_ids(cfg, spec.num_layers(src.config))
         dtype = DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype
         plan = _Plan(src, spec, layer_ids, cfg, dtype)
+        if cfg.moe.routing == "topk" and cfg.moe.top_k == 1 and cfg.moe.normalize_topk:
+            import warnings
+            warnings.warn("top-1 routing with renormalised weights gives every token weight 1: the router gets "
+                          "no gradient from the language-model loss (only from the auxiliary losses); "
+                          "pass --no-normalize to train it through the output", stacklevel=2)
         if cfg.moe.routing == "expert-choice" and cfg.moe.ec_group == "sequence":
             from upcycle.moe.router import SEQUENCE_EC_WARNING
             import warnings
@@ -297,8 +311,6 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
                 f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
             )
         section = _upcycle_section(src, spec, cfg, layer_ids, plan)
-        if os.path.isdir(parent):
-            _remove_stale_tmp(parent, os.path.basename(out))
         tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
         recipes = dict((o.name, r) for o, r in plan.outputs)
         old_handler = signal.getsignal(signal.SIGTERM)
@@ -335,12 +347,20 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
 
 
 def _remove_stale_tmp(parent: str, name: str) -> None:
-    """Remove temporary directories left by killed conversions to the same ``out``."""
-    prefix = f".{name}{TMP_MARK}"
-    for entry in os.listdir(parent):
-        pid = entry[len(prefix):]
-        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    """Clean up after conversions to the same ``out`` that were killed: remove their
+    temporary directories, and put back a replaced checkpoint if the kill came between
+    moving it aside and moving the new one in."""
+    for mark in (TMP_MARK, OLD_MARK):
+        prefix = f".{name}{mark}"
+        for entry in os.listdir(parent):
+            pid = entry[len(prefix):]
+            if not (entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid))):
+                continue
+            path = os.path.join(parent, entry)
+            if mark == OLD_MARK and not os.path.exists(os.path.join(parent, name)):
+                os.rename(path, os.path.join(parent, name))
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -358,7 +378,7 @@ def _move_into_place(tmp: str, out: str) -> None:
     if not os.path.exists(out):
         os.rename(tmp, out)
         return
-    old = f"{os.path.dirname(out)}/.{os.path.basename(out)}.upcycle-old-{os.getpid()}"
+    old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}{OLD_MARK}{os.getpid()}")
     os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
