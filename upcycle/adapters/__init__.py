@@ -29,6 +29,7 @@ from upcycle.adapters.qlora import (
     experts_identical,
     quantize_model,
 )
+from upcycle.adapters.shared import SharedStackedExperts, share_experts, shared_base_report, unshare_experts
 from upcycle.adapters.merge import load_base, merge_command
 from upcycle.adapters.peft_io import (
     adapter_state_dict,
@@ -74,6 +75,10 @@ __all__ = [
     "merge_lora",
     "read_adapter_config",
     "save_adapter",
+    "SharedStackedExperts",
+    "share_experts",
+    "shared_base_report",
+    "unshare_experts",
     "trainable_summary",
     "unload_lora",
     "unmerge_lora",

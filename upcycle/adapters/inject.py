@@ -50,6 +50,12 @@ class LoraConfig:
     """LoRA on the stacked experts of every MoE layer (per-expert A and B on both projections)."""
     train_router: bool = False
     """Train the MoE routers fully (saved with the adapter, like PEFT's ``modules_to_save``)."""
+    shared_base: bool | str = "auto"
+    """With ``experts``: store the frozen base of experts that are exact copies (a fresh upcycle)
+    ONCE per layer (``SharedStackedExperts``: E times less memory for it; same outputs and
+    gradients). ``"auto"``: where the experts are identical; True: all must be (else
+    UpcycleError); False: never. Not saved with the adapter (a property of the base in memory,
+    not of the adapter): the same adapter file loads onto a shared or an unshared base."""
 
     def validate(self) -> None:
         _check_rank(self.r, self.alpha, self.dropout)
@@ -61,6 +67,8 @@ class LoraConfig:
                 re.compile(t)
             except re.error as e:
                 raise UpcycleError(f"LoRA target_modules regex {t!r} is invalid: {e}") from None
+        if self.shared_base not in (True, False, "auto"):
+            raise UpcycleError(f"LoRA shared_base must be True, False or 'auto', got {self.shared_base!r}")
 
 
 def _matcher(pattern: str):
@@ -135,6 +143,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
         raise UpcycleError("LoRA config selects nothing to train: no target_modules, experts=False, "
                            "train_router=False")
 
+    if cfg.experts:  # before freezing anything: shared_base=True on experts that differ raises here
+        from upcycle.adapters.shared import share_experts
+
+        share_experts(model, cfg.shared_base)
     model.requires_grad_(False)
     kw = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)
     for name in targets:
@@ -160,17 +172,29 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """PEFT's ``print_trainable_parameters`` line: trainable / all parameters and the percentage."""
+    """PEFT's ``print_trainable_parameters`` line: trainable / all parameters and the percentage.
+
+    With shared expert bases, a second line: the expert base bytes unshared -> as stored
+    (``shared_base_report``). "all params" counts a shared base once."""
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     pct = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+    from upcycle.adapters.shared import format_shared_base_report, shared_base_report
+
+    rep = shared_base_report(model)
+    return line + ("\n" + format_shared_base_report(rep) if rep["num_shared"] else "")
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weights (forward then skips the LoRA path)."""
+    """Fold every adapter into its base weights (forward then skips the LoRA path).
+
+    Shared expert bases are un-shared first (E materialised copies: the merged experts differ)."""
+    from upcycle.adapters.shared import unshare_experts
+
+    unshare_experts(model)
     for m in lora_modules(model).values():
         m.merge()
 
@@ -182,7 +206,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base modules back (for writing a merged checkpoint)."""
+    """Merge every adapter and put the plain base modules back (for writing a merged checkpoint).
+
+    Shared expert bases are un-shared first (the merged experts differ)."""
+    from upcycle.adapters.shared import unshare_experts
+
+    unshare_experts(model)
     wrappers = lora_modules(model)
     for name, m in wrappers.items():
         m.merge()

@@ -198,6 +198,9 @@ class LoraExperts(nn.Module):
         b = self.base_layer
         if getattr(b, "is_quantized", False):  # its weights are views dequantised on the fly
             raise UpcycleError("cannot merge LoRA into quantised (NF4) experts: merge into the unquantised base")
+        if b.down_proj.stride(0) == 0:  # E views of one shared weight: an in-place add would hit all experts
+            raise UpcycleError("cannot merge LoRA into a shared expert base in place: use merge_lora(model), "
+                               "which un-shares it first")
         d_in, d_down = self.delta_weights()
         with torch.no_grad():
             b.w_in_EMD.add_(d_in.to(b.w_in_EMD.dtype), alpha=sign)
