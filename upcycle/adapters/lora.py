@@ -223,7 +223,9 @@ class LoraExperts(nn.Module):
         if self.merged:
             return base(x_TD, token_idx_A, expert_idx_A, weight_A, expert_major=expert_major)
         backend = base.resolved_backend()
-        if backend != "loop" and grouped_mm_unsupported(base.down_proj.dtype, base.hidden_size, base.ffn_size):
+        # NF4 bases name their dtype: reading ``down_proj`` there would dequantise the whole stack.
+        dtype = getattr(base, "weight_dtype", None) or base.down_proj.dtype
+        if backend != "loop" and grouped_mm_unsupported(dtype, base.hidden_size, base.ffn_size):
             backend = "loop"
         run = self._forward_loop if backend == "loop" else self._forward_grouped_mm
         if hasattr(base, "run_dense"):  # quantised base: dequantise once per forward, not per read

@@ -217,6 +217,11 @@ class NF4StackedExperts(_NF4Storage, StackedExperts):
     def _compute(self) -> torch.dtype:
         return self.compute_dtype or default_compute_dtype(self._buffers["down_proj_packed"].device)
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the experts compute in, read without dequantising anything."""
+        return self._compute()
+
     def _dequant(self, name: str, dtype: torch.dtype) -> Tensor:
         w = dequantize_nf4(self.nf4(name), dtype)
         if not self.shared_base:
