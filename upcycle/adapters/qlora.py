@@ -37,7 +37,7 @@ from transformers.activations import ACT2FN
 
 from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from upcycle.errors import UpcycleError
-from upcycle.moe.experts import StackedExperts, resolve_backend
+from upcycle.moe.experts import DerivedExpertWeights, StackedExperts, resolve_backend
 
 __all__ = ["DEFAULT_TARGETS", "NF4Linear", "NF4StackedExperts", "default_compute_dtype", "experts_identical",
            "quantize_model"]
@@ -148,7 +148,7 @@ class NF4Linear(_NF4Storage):
                 f"blocksize={q.blocksize}, double_quant={q.double_quant}, bits_per_param={q.bits_per_param:.3f}")
 
 
-class NF4StackedExperts(_NF4Storage, StackedExperts):
+class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
     """Frozen NF4 ``StackedExperts`` (same forward signature and math; see the module docstring).
 
     ``shared_base``: one [M, D] / [D, F] quantised weight for all E experts (they were equal).
@@ -247,17 +247,6 @@ class NF4StackedExperts(_NF4Storage, StackedExperts):
     def down_proj(self) -> Tensor:
         return self.dense_weights()[1]
 
-    @property
-    def gate_up_proj(self) -> Tensor:
-        if not self.gated:
-            raise AttributeError("non-gated experts have up_proj, not gate_up_proj")
-        return self.w_in_EMD
-
-    @property
-    def up_proj(self) -> Tensor:
-        if self.gated:
-            raise AttributeError("gated experts have gate_up_proj, not up_proj")
-        return self.w_in_EMD
 
     def _bias(self, name: str) -> Tensor:
         if name not in self._parameters:

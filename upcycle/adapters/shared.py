@@ -46,12 +46,12 @@ from transformers.activations import ACT2FN
 
 from upcycle.adapters.qlora import NF4StackedExperts, experts_identical
 from upcycle.errors import UpcycleError
-from upcycle.moe.experts import StackedExperts
+from upcycle.moe.experts import DerivedExpertWeights, StackedExperts
 
 __all__ = ["SharedStackedExperts", "share_experts", "shared_base_report", "unshare_experts"]
 
 
-class SharedStackedExperts(StackedExperts):
+class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
     """``StackedExperts`` whose E experts are one frozen weight (see the module docstring).
 
     Own parameters: ``w_in`` [M, D], ``w_down`` [D, F], with bias ``b_in`` [M], ``b_down`` [D].
@@ -136,17 +136,6 @@ class SharedStackedExperts(StackedExperts):
     def w_in_EMD(self) -> Tensor:
         return self._view(self.w_in)
 
-    @property
-    def gate_up_proj(self) -> Tensor:
-        if not self.gated:
-            raise AttributeError("non-gated experts have up_proj, not gate_up_proj")
-        return self.w_in_EMD
-
-    @property
-    def up_proj(self) -> Tensor:
-        if self.gated:
-            raise AttributeError("gated experts have gate_up_proj, not up_proj")
-        return self.w_in_EMD
 
     @property
     def down_proj(self) -> Tensor:

@@ -245,6 +245,23 @@ class StackedExperts(nn.Module):
                            gated=self.gated, expert_major=expert_major)
 
 
+class DerivedExpertWeights:
+    """For StackedExperts subclasses whose first projection is derived, not stored (NF4,
+    shared base): exposes it under its checkpoint name through ``w_in_EMD``."""
+
+    @property
+    def gate_up_proj(self) -> Tensor:
+        if not self.gated:
+            raise AttributeError("non-gated experts have up_proj, not gate_up_proj")
+        return self.w_in_EMD
+
+    @property
+    def up_proj(self) -> Tensor:
+        if self.gated:
+            raise AttributeError("gated experts have gate_up_proj, not up_proj")
+        return self.w_in_EMD
+
+
 class _GradContiguous(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient.
 
