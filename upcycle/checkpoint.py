@@ -19,19 +19,27 @@ from safetensors import safe_open
 from upcycle.errors import UpcycleError
 
 
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON object from ``path``; a one-line UpcycleError for an unreadable file or another JSON value."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UpcycleError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UpcycleError(f"{path} is not {what} (expected a JSON object)")
+    return raw
+
+
 def _read_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise UpcycleError(f"checkpoint not found: {path}")
     if not os.path.isfile(cfg_path):
         raise UpcycleError(f"{path} has no config.json: not a model directory")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UpcycleError(f"cannot read {cfg_path}: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("upcycle", {}), dict):
-        raise UpcycleError(f"{cfg_path} is not a model config (expected a JSON object)")
+    raw = read_json_object(cfg_path, "a model config")
+    if not isinstance(raw.get("upcycle", {}), dict):
+        raise UpcycleError(f"{cfg_path} is not a model config (its 'upcycle' entry is not an object)")
     return raw
 
 

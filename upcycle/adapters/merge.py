@@ -11,7 +11,6 @@ place when complete; an existing ``out`` is refused, never overwritten.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -23,13 +22,11 @@ TMP_MARK = ".upcycle-tmp-"
 
 
 def _is_upcycled_dir(path: str) -> bool:
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
+    from upcycle.checkpoint import _read_config
+
     try:
-        with open(cfg) as f:
-            return "upcycle" in json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return "upcycle" in _read_config(path)
+    except UpcycleError:  # not a model directory: the dense-source path reports it
         return False
 
 

@@ -172,14 +172,12 @@ def save_adapter(model, out_dir: str, base_path: str | None = None) -> str:
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
+    from upcycle.checkpoint import read_json_object
+
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.isfile(path):
         raise UpcycleError(f"{adapter_dir} is not an adapter directory (no {CONFIG_NAME})")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UpcycleError(f"cannot read {path}: {e}") from None
+    raw = read_json_object(path, "an adapter config")
     if raw.get("peft_type") != "LORA":
         raise UpcycleError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA)")
     return raw

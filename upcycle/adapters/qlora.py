@@ -340,10 +340,6 @@ def experts_identical(experts: StackedExperts) -> bool:
     return True
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _matches(name: str, targets) -> bool:
     parts = name.split(".")
     # A Linear already wrapped by an adapter sits at ``<target>.base_layer`` (PEFT's layout).
@@ -373,14 +369,14 @@ def quantize_model(model: nn.Module, *, targets=DEFAULT_TARGETS, experts: bool =
             new = NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
                                         compute_dtype=compute_dtype)
             rep["num_linear"] += 1
-            rep["linear_bytes_before"] += _nbytes(module.weight)
+            rep["linear_bytes_before"] += module.weight.nbytes
             rep["linear_bytes_after"] += new.quantized_nbytes
             rep["params_quantized"] += module.weight.numel()
         elif experts and isinstance(module, StackedExperts) and not isinstance(module, NF4StackedExperts):
             new = NF4StackedExperts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
                                                  shared_base=shared_base, compute_dtype=compute_dtype)
             rep["num_experts_modules"] += 1
-            rep["experts_bytes_before"] += _nbytes(module.w_in_EMD) + _nbytes(module.down_proj)
+            rep["experts_bytes_before"] += module.w_in_EMD.nbytes + module.down_proj.nbytes
             rep["experts_bytes_after"] += new.quantized_nbytes
             rep["params_quantized"] += module.w_in_EMD.numel() + module.down_proj.numel()
             if new.shared_base:

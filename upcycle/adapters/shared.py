@@ -260,10 +260,6 @@ def unshare_experts(model: nn.Module) -> int:
     return len(names)
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def shared_base_report(model: nn.Module) -> dict:
     """Bytes of the unquantised expert base weights (and biases): ``bytes_before`` (E copies per layer,
     as unshared) and ``bytes_after`` (as stored now), ``saved_bytes``, ``num_experts_modules``,
@@ -275,7 +271,7 @@ def shared_base_report(model: nn.Module) -> dict:
             rep["bytes_before"] += m.unshared_nbytes
             rep["bytes_after"] += m.base_nbytes
         elif type(m) is StackedExperts:
-            n = sum(_nbytes(p) for p in m.parameters(recurse=False))
+            n = sum(p.nbytes for p in m.parameters(recurse=False))
             rep["bytes_before"] += n
             rep["bytes_after"] += n
         else:

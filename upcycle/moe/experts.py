@@ -42,7 +42,7 @@ def grouped_mm_unsupported(dtype: torch.dtype, hidden: int, ffn: int) -> str | N
     if dtype not in _GROUPED_MM_DTYPES:
         return f"grouped_mm supports float32, bfloat16 and float16, not {str(dtype).removeprefix('torch.')}"
     # Every operand row (D or F elements, forward and backward) must start on a 16-byte boundary.
-    per_row = 16 // torch.empty((), dtype=dtype).element_size()
+    per_row = 16 // dtype.itemsize
     if hidden % per_row or ffn % per_row:
         return (f"grouped_mm needs hidden and FFN sizes that are multiples of {per_row} in "
                 f"{str(dtype).removeprefix('torch.')}, got hidden={hidden}, ffn={ffn}")
