@@ -109,6 +109,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a section: its own errors name the bad key
+            return from_dict(sections[0], value, where)
         for arg in args:
             try:
                 return _check_type(value, arg, where)

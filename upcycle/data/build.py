@@ -1,0 +1,155 @@
+"""``build_datasets``: a DataConfig and a tokenizer -> (train, eval, report), ready for the trainer.
+
+    train, eval_, report = build_datasets(DataConfig(kind="chat", train="dialogue",
+                                                     curate=CurateConfig()), tokenizer, seed=0)
+    batch = collate([train[i] for i in range(8)], pad_id=tokenizer.pad_token_id)
+
+Rows are ``{"input_ids": list[int], "labels": list[int]}`` (labels -100 where there is no
+loss; the model shifts labels internally). Train rows keep the source's order (text: document
+order; chat: the curation's round-robin order): the trainer's sampler shuffles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from datasets import Dataset
+
+from upcycle.errors import UpcycleError
+
+from .chat import encode_chats
+from .config import DataConfig
+from .curate import curate, normalise, prompt_text
+from .sources import _load_chat, load_text
+from .text import pack_documents
+
+
+def _n_eval(n: int, fraction: float) -> int:
+    """Units to hold out: at least one, and at least one left to train on."""
+    return min(n - 1, max(1, round(n * fraction))) if n >= 2 and fraction > 0 else 0
+
+
+def _split_documents(docs: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Seeded split by whole document (a sequence never mixes train and eval text)."""
+    n_eval = _n_eval(len(docs), fraction)
+    if not n_eval:
+        return docs, None
+    held = set(np.random.default_rng(seed).permutation(len(docs))[:n_eval].tolist())
+    return (docs.select([i for i in range(len(docs)) if i not in held]),
+            docs.select([i for i in range(len(docs)) if i in held]))
+
+
+def _split_pool(pool: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict] | None]:
+    """Seeded split by normalised prompt: a held-out prompt never appears in train.
+
+    Eval takes one example per held-out prompt (the pool repeats some prompts a hundred
+    times; eval should not); the other copies are used nowhere.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(pool):
+        groups.setdefault(normalise(prompt_text(ex["messages"])), []).append(i)
+    members = list(groups.values())
+    held = np.random.default_rng(seed).permutation(len(members))[: _n_eval(len(members), fraction)]
+    if not len(held):
+        return pool, None
+    out = {i for k in held for i in members[k]}
+    return [ex for i, ex in enumerate(pool) if i not in out], [pool[members[k][0]] for k in sorted(held)]
+
+
+def _subset(n_rows: int, limit: int | None, seed: int) -> list[int] | None:
+    """Sorted seeded random rows to keep under ``limit``; None when all are kept."""
+    if limit is None or limit >= n_rows:
+        return None
+    return sorted(np.random.default_rng(seed).permutation(n_rows)[:limit].tolist())
+
+
+def _nonempty(n: int, split: str, spec: str) -> None:
+    if n == 0:
+        raise UpcycleError(f"data.{split}: {spec} holds no documents or examples")
+
+
+def build_datasets(cfg: DataConfig, tokenizer, *, seed: int = 0, num_proc: int | None = None,
+                   log: Callable[[str], object] = print) -> tuple[Dataset, Dataset | None, dict]:
+    """(train, eval or None, report) for ``cfg``; report is plain JSON (counts per split).
+
+    Eval: ``cfg.eval`` if set (its held-out split if it has one, else all of it), else the train
+    source's held-out split (shakespeare's held-out plays, a hub dataset's validation/test
+    split), else a seeded ``cfg.eval_fraction`` of the train
+    documents (text) or prompts (chat), else None. Chat curation applies to the train pool only,
+    after the eval split. ``num_proc`` parallelises tokenisation (``Dataset.map``).
+    """
+    cfg.validate()
+    build = _build_text if cfg.kind == "text" else _build_chat
+    train, eval_, report = build(cfg, tokenizer, seed, num_proc)
+    report = {"kind": cfg.kind, "seq_len": cfg.seq_len, **report}
+    for split in ("train", "eval"):
+        if report[split] is not None:
+            stats = ", ".join(f"{k} {v}" for k, v in report[split].items() if k != "source")
+            log(f"data {split}: {report[split]['source']}: {stats}")
+    if "curation" in report:
+        cur = report["curation"]
+        log(f"data curation: {cur['pool']} -> {cur['after_filters']} after filters -> {cur['kept']} kept "
+            f"across {cur['groups']} {cur['balance_by']} groups")
+    return train, eval_, report
+
+
+def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
+    docs, heldout = load_text(cfg.train, cfg)
+    _nonempty(len(docs), "train", cfg.train)
+    if cfg.eval is not None:
+        eval_docs, eval_held = load_text(cfg.eval, cfg)
+        eval_docs, eval_source = (eval_held, f"{cfg.eval} (held-out split)") if eval_held else (eval_docs, cfg.eval)
+        _nonempty(len(eval_docs), "eval", cfg.eval)
+    elif heldout:
+        eval_docs, eval_source = heldout, f"{cfg.train} (held-out split)"
+    else:
+        docs, eval_docs = _split_documents(docs, cfg.eval_fraction, seed)
+        eval_source = f"{cfg.train} ({cfg.eval_fraction:g} of the documents, seed {seed})"
+    train, train_stats = pack_documents(docs, tokenizer, cfg.seq_len, num_proc=num_proc)
+    keep = _subset(len(train), cfg.max_train_examples, seed)
+    if keep is not None:
+        train = train.select(keep)
+        train_stats.update(sequences=len(train), tokens=int(sum(len(x) for x in train["input_ids"])))
+    report = {"train": {"source": cfg.train, **train_stats}, "eval": None}
+    eval_ = None
+    if eval_docs is not None:
+        eval_, eval_stats = pack_documents(eval_docs, tokenizer, cfg.seq_len, num_proc=num_proc)
+        report["eval"] = {"source": eval_source, **eval_stats}
+    return train, eval_, report
+
+
+def _build_chat(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
+    pool, heldout = _load_chat(cfg.train, cfg)
+    _nonempty(len(pool), "train", cfg.train)
+    if cfg.eval is not None:
+        eval_pool, eval_held = _load_chat(cfg.eval, cfg)
+        eval_pool, eval_source = (eval_held, f"{cfg.eval} (held-out split)") if eval_held else (eval_pool, cfg.eval)
+        _nonempty(len(eval_pool), "eval", cfg.eval)
+    elif heldout:
+        eval_pool, eval_source = heldout, f"{cfg.train} (held-out split)"
+    else:
+        pool, eval_pool = _split_pool(pool, cfg.eval_fraction, seed)
+        eval_source = f"{cfg.train} ({cfg.eval_fraction:g} of the prompts, seed {seed})"
+    report: dict = {}  # the curation report goes last
+    if cfg.curate is not None:
+        pool, report["curation"] = curate(pool, cfg.curate, seed)
+        if not pool:
+            raise UpcycleError(f"data.curate: no example of {cfg.train} passes the filters "
+                               f"(removed: {report['curation']['removed']}); relax the thresholds")
+    keep = _subset(len(pool), cfg.max_train_examples, seed)
+    if keep is not None:
+        pool = [pool[i] for i in keep]
+    encode = dict(seq_len=cfg.seq_len, train_on_prompt=cfg.train_on_prompt, system_prompt=cfg.system_prompt,
+                  num_proc=num_proc)
+    train, train_stats = encode_chats(pool, tokenizer, **encode)
+    if not len(train):
+        raise UpcycleError(f"data.train: no example of {cfg.train} has an assistant token left to train on "
+                           f"(seq_len {cfg.seq_len}); raise data.seq_len or check the data")
+    report = {"train": {"source": cfg.train, **train_stats}, "eval": None, **report}
+    eval_ = None
+    if eval_pool:
+        eval_, eval_stats = encode_chats(eval_pool, tokenizer, **encode)
+        report["eval"] = {"source": eval_source, **eval_stats}
+        eval_ = eval_ if len(eval_) else None  # nothing to score: the report still says why
+    return train, eval_, report
