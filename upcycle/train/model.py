@@ -1,0 +1,92 @@
+"""The model a recipe trains: loaded, adapted (LoRA / QLoRA), regularised, ready to wrap.
+
+    model, tokenizer, info = build_model(cfg, device)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upcycle.errors import UpcycleError
+from upcycle.train.config import TrainConfig
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise UpcycleError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _residual_dropout_hook(p: float):
+    def hook(module, args, output):
+        if not module.training or p == 0:
+            return output
+        if isinstance(output, tuple):  # attention returns (hidden, weights, ...)
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    return hook
+
+
+def add_residual_dropout(model: nn.Module, p_max: float) -> list[float]:
+    """Dropout on each layer's attention and MLP outputs (the residual branches), rising linearly
+    from 0 at the first layer to ``p_max`` at the last, as in LIMA. Returns the per-layer rates."""
+    layers = _decoder_layers(model)
+    n = len(layers)
+    rates = [p_max * i / (n - 1) if n > 1 else p_max for i in range(n)]
+    for layer, p in zip(layers, rates):
+        for name in ("self_attn", "attention", "mlp"):
+            branch = getattr(layer, name, None)
+            if branch is not None:
+                branch.register_forward_hook(_residual_dropout_hook(p))
+    return rates
+
+
+def build_model(cfg: TrainConfig, device: torch.device, source: str | None = None):
+    """(model, tokenizer, info) in training mode on ``device``.
+
+    ``source`` replaces ``cfg.model`` as the weights to load (a full checkpoint being resumed);
+    an adapter checkpoint is loaded onto ``cfg.model`` by the caller.
+    """
+    from upcycle.inference import load_model_and_tokenizer
+    from upcycle.moe import moe_blocks
+
+    path = source or cfg.model
+    if not os.path.exists(path) and path.startswith(("runs/", "./", "/")):
+        raise UpcycleError(f"model not found: {path} (convert one first: upcycle convert --layers 6 --experts 32)")
+    # Load on the CPU in float32 (master weights); autocast gives bf16 compute on a GPU.
+    model, tokenizer = load_model_and_tokenizer(path, experts_backend=cfg.experts_backend)
+    model.float()
+    info: dict = {"moe_layers": len(moe_blocks(model))}
+    for block in moe_blocks(model).values():
+        if cfg.aux_loss_weight is not None:
+            block.cfg.aux_loss_weight = cfg.aux_loss_weight
+        if cfg.z_loss_weight is not None:
+            block.cfg.z_loss_weight = cfg.z_loss_weight
+    if cfg.lora is not None:
+        from upcycle.adapters import apply_lora, quantize_model, trainable_summary
+
+        if cfg.nf4:
+            compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+            info["nf4"] = quantize_model(model, experts=cfg.lora.experts, compute_dtype=compute)
+        apply_lora(model, cfg.lora)  # freezes everything but the adapters (and routers if asked)
+        info["trainable"] = trainable_summary(model)
+    if cfg.residual_dropout > 0:
+        info["residual_dropout"] = add_residual_dropout(model, cfg.residual_dropout)
+    if cfg.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UpcycleError(f"{type(model).__name__} does not support activation checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    return model.to(device).train(), tokenizer, info
