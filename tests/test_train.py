@@ -93,21 +93,44 @@ def _weights(path) -> dict:
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def test_resume_continues_the_same_loss_curve_bit_for_bit(tiny_moe, corpus, tmp_path):
-    # Dropout on the residual branches makes the RNG state part of what must be restored.
-    straight = recipe(tiny_moe, corpus, tmp_path / "a", max_steps=8, save_every=4, residual_dropout=0.1)
-    train(straight)
-    cut = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", cut, symlinks=True)
-    shutil.rmtree(cut / "checkpoints" / "step-000008")
-    s = train(recipe(tiny_moe, corpus, cut, max_steps=8, save_every=4, residual_dropout=0.1, resume="auto"))
+def stop_after(monkeypatch, step: int) -> None:
+    """Make the run receive SIGTERM once it has done ``step`` steps (as a scheduler would send it)."""
+    from upcycle.train.trainer import Trainer
+
+    train_step = Trainer.train_step
+
+    def step_then_signal(self):
+        r = train_step(self)
+        if self.step == step:
+            signal.raise_signal(signal.SIGTERM)
+        return r
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+
+
+def test_resume_continues_the_same_loss_curve_bit_for_bit(tiny_moe, corpus, tmp_path, monkeypatch):
+    # Dropout makes the RNG state part of what must be restored; log_every=3 with a stop at
+    # step 4 makes the resumed run start in the middle of a logging window.
+    kw = dict(max_steps=8, log_every=3, residual_dropout=0.1)
+    train(recipe(tiny_moe, corpus, tmp_path / "a", **kw))
+    stop_after(monkeypatch, 4)
+    s = train(recipe(tiny_moe, corpus, tmp_path / "b", **kw))
+    assert (s["stopped_by"], s["steps"]) == ("SIGTERM", 4)
+    monkeypatch.undo()
+    s = train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", **kw))
     assert s["steps_this_run"] == 4
-    a, b = rows(tmp_path / "a"), rows(cut)
-    assert [r["step"] for r in b] == list(range(1, 9))  # the redone steps replaced, not appended
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    wa, wb = _weights(tmp_path / "a" / "checkpoints" / "step-000008"), _weights(cut / "checkpoints" / "step-000008")
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [3, 6, 8]
+    for key in ("loss", "grad_norm", "aux_loss", "routing"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    wa, wb = _weights(tmp_path / "a" / "checkpoints" / "step-000008"), _weights(tmp_path / "b" / "checkpoints" / "step-000008")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Only the newest checkpoint keeps the optimiser state; older ones are weights for selection.
+    assert not (tmp_path / "b" / "checkpoints" / "step-000004" / "optimizer.pt").exists()
+    with pytest.raises(UpcycleError, match="holds weights only"):
+        train(recipe(tiny_moe, corpus, tmp_path / "c", resume=str(tmp_path / "b" / "checkpoints" / "step-000004"), **kw))
+    with pytest.raises(UpcycleError, match="recipe changed seed"):
+        train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", seed=1, **kw))
 
 
 def test_out_dir_holding_a_run_is_refused(tiny_moe, corpus, tmp_path):
@@ -116,6 +139,19 @@ def test_out_dir_holding_a_run_is_refused(tiny_moe, corpus, tmp_path):
         train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=1))
     train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=2, overwrite=True))
     assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of bf16")
+def test_bad_settings_found_late_still_write_nothing(tiny_moe, corpus, tmp_path):
+    train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=1))
+    before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    for kw, message in ((dict(precision="bf16"), "bf16 needs a GPU"), (dict(batch_size=4000), "fewer than batch_size")):
+        with pytest.raises(UpcycleError, match=message):
+            train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=1, overwrite=True, **kw))
+        assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before
+        with pytest.raises(UpcycleError, match=message):
+            train(recipe(tiny_moe, corpus, tmp_path / "new", max_steps=1, **kw))
+        assert not (tmp_path / "new").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_moe, corpus, tmp_path, monkeypatch):
@@ -181,13 +217,14 @@ def test_recipes_validate_and_errors_list_valid_keys(tmp_path):
     assert (lima.save_every_epoch, lima.save_from_epoch, lima.data.seq_len) == (True, 5, 2048)
     cfg = load_recipe("continued_pretraining", ["optim.lr=2e-5", "max_steps=7", "data.eval=null"])
     assert (cfg.optim.lr, cfg.max_steps, cfg.data.eval) == (2e-5, 7, None)
+    assert load_recipe("lora_sft", ["max_steps=20"]).epochs is None  # one replaces the recipe's other
     assert parse_value("1e-4") == 1e-4 and parse_value("3") == 3 and parse_value("[a, b]") == ["a", "b"]
     with pytest.raises(UpcycleError, match="unknown key.*lrate.*valid keys: lr, router_lr"):
         load_recipe("continued_pretraining", ["optim.lrate=1"])
     with pytest.raises(UpcycleError, match="recipe.max_steps: expected"):
         load_recipe("continued_pretraining", ["max_steps=many"])
     with pytest.raises(UpcycleError, match="exactly one of max_steps and epochs"):
-        load_recipe("continued_pretraining", ["epochs=2"])
+        load_recipe("continued_pretraining", ["epochs=2", "max_steps=3"])
     with pytest.raises(UpcycleError, match="multiple of micro_batch_size"):
         load_recipe("continued_pretraining", ["batch_size=6", "micro_batch_size=4"])
     with pytest.raises(UpcycleError, match="nf4.*needs a lora section"):
@@ -254,11 +291,11 @@ def sft(model, chats, out, **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("nf4", [False, True])
-def test_lora_sft_saves_adapters_and_resumes_exactly(tiny_moe, chats, tmp_path, nf4):
+def test_lora_sft_saves_adapters_and_resumes_exactly(tiny_moe, chats, tmp_path, nf4, monkeypatch):
     from upcycle.adapters import describe_adapter
 
     lora = {"r": 4, "alpha": 8, "experts": True, "target_modules": ["q_proj", "v_proj"]}
-    cfg = sft(tiny_moe, chats, tmp_path / "a", max_steps=6, save_every=3, lora=lora, nf4=nf4)
+    cfg = sft(tiny_moe, chats, tmp_path / "a", max_steps=6, lora=lora, nf4=nf4)
     s = train(cfg)
     ckpt = s["last_checkpoint"]
     info = describe_adapter(ckpt)
@@ -266,13 +303,13 @@ def test_lora_sft_saves_adapters_and_resumes_exactly(tiny_moe, chats, tmp_path, 
     assert not os.path.exists(os.path.join(ckpt, "model.safetensors"))  # adapter only
     losses = [r["loss"] for r in rows(tmp_path / "a")]
     assert losses[-1] < losses[0]
-    cut = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", cut, symlinks=True)
-    shutil.rmtree(cut / "checkpoints" / "step-000006")
-    train(sft(tiny_moe, chats, cut, max_steps=6, save_every=3, lora=lora, nf4=nf4, resume="auto"))
-    assert [r["loss"] for r in rows(cut)] == losses
+    stop_after(monkeypatch, 3)
+    train(sft(tiny_moe, chats, tmp_path / "b", max_steps=6, lora=lora, nf4=nf4))
+    monkeypatch.undo()
+    train(sft(tiny_moe, chats, tmp_path / "b", max_steps=6, lora=lora, nf4=nf4, resume="auto"))
+    assert [r["loss"] for r in rows(tmp_path / "b")] == losses
     a = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
-    b = load_file(str(cut / "checkpoints" / "step-000006" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-000006" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

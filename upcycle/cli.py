@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import warnings
 
@@ -297,9 +298,10 @@ def _train(a) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if s["stopped_by"]:
+        again = shlex.join(["upcycle", "train", a.recipe, *[o for o in a.overrides if not o.startswith("resume=")],
+                            "resume=auto"])
         print(f"stopped by {s['stopped_by']} at step {s['steps']}/{s['total_steps']}; checkpoint "
-              f"{s['last_checkpoint']}; continue with: upcycle train {a.recipe} {' '.join(a.overrides)} resume=auto"
-              .replace("  ", " "))
+              f"{s['last_checkpoint']}; continue with: {again}")
         return
     ev = s["final_eval"]
     held_out = f", held-out loss {ev['loss']:.4f} (perplexity {ev['ppl']:.2f})" if ev else ""
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"upcycle: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("upcycle: interrupted; nothing was written", file=sys.stderr)
+        # convert and merge clean up after themselves; train keeps the checkpoints it completed
+        print("upcycle: interrupted", file=sys.stderr)
         return 130
     return 0
 

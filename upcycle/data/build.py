@@ -11,6 +11,7 @@ order; chat: the curation's round-robin order): the trainer's sampler shuffles.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from upcycle.errors import UpcycleError
 
 from .chat import encode_chats
 from .config import DataConfig
-from .curate import curate, normalise, prompt_text
+from .curate import curate, normalise, prompt_text, quality_filter
 from .sources import _load_chat, load_text
 from .text import pack_documents
 
@@ -134,6 +135,8 @@ def _build_chat(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
     report: dict = {}  # the curation report goes last
     if cfg.curate is not None:
         pool, report["curation"] = curate(pool, cfg.curate, seed)
+        # Held-out loss selects LIMA's checkpoint: score it on data of the quality trained on.
+        eval_pool = quality_filter(eval_pool, cfg.curate, Counter()) if eval_pool else eval_pool
         if not pool:
             raise UpcycleError(f"data.curate: no example of {cfg.train} passes the filters "
                                f"(removed: {report['curation']['removed']}); relax the thresholds")

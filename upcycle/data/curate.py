@@ -78,7 +78,7 @@ class _NearDups:
         return False
 
 
-def _quality_filter(pool: list[dict], cfg: CurateConfig, removed: Counter) -> list[dict]:
+def quality_filter(pool: list[dict], cfg: CurateConfig, removed: Counter) -> list[dict]:
     kept = []
     for ex in pool:
         prompt, response = prompt_text(ex["messages"]), response_text(ex["messages"])
@@ -122,7 +122,7 @@ def curate(pool: list[dict], cfg: CurateConfig, seed: int = 0) -> tuple[list[dic
     """
     cfg.validate()
     removed: Counter = Counter()
-    clean = _quality_filter(pool, cfg, removed)
+    clean = quality_filter(pool, cfg, removed)
     groups: dict[str, list[dict]] = defaultdict(list)
     for ex in clean:
         groups[str(ex[cfg.balance_by])].append(ex)

@@ -3,7 +3,8 @@
     out/checkpoints/step-000200/   model weights + config + tokenizer (a loadable checkpoint:
                                    ``upcycle eval`` / ``upcycle.load`` read it as is), or
                                    adapter_config.json + adapter_model.safetensors;
-                                   trainer_state.pt: step, optimiser, scheduler, RNG, recipe
+                                   trainer_state.pt: step, scheduler, RNG, recipe, log window;
+                                   optimizer.pt: AdamW's state (newest checkpoint only)
     out/checkpoints/last -> step-000200
 
 Written to a temporary directory and renamed when complete, so a kill mid-save leaves the
@@ -28,15 +29,18 @@ from torch.distributed.checkpoint.state_dict import (
 from upcycle.errors import UpcycleError
 
 STATE_NAME = "trainer_state.pt"
+OPTIM_NAME = "optimizer.pt"  # only the newest checkpoint keeps it: older ones are weights for selection
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-def checkpoint_dirs(out: str) -> list[tuple[int, str]]:
-    """Complete checkpoints in run directory ``out``, oldest first, as (step, path)."""
+def checkpoint_dirs(out: str, resumable: bool = False) -> list[tuple[int, str]]:
+    """Complete checkpoints in run directory ``out`` (with ``resumable``: those that keep the
+    optimiser state), oldest first, as (step, path)."""
     found = []
     for path in glob.glob(os.path.join(out, "checkpoints", "step-*")):
         m = _STEP_DIR.search(os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, STATE_NAME)):
+        need = (STATE_NAME, OPTIM_NAME) if resumable else (STATE_NAME,)
+        if m and all(os.path.isfile(os.path.join(path, f)) for f in need):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -44,11 +48,54 @@ def checkpoint_dirs(out: str) -> list[tuple[int, str]]:
 def resolve_resume(resume: str, out: str) -> str | None:
     """The checkpoint directory ``resume`` names (``auto``: the latest in ``out``, None if none)."""
     if resume == "auto":
-        found = checkpoint_dirs(out)
+        found = checkpoint_dirs(out, resumable=True)
+        if not found and checkpoint_dirs(out):
+            raise UpcycleError(f"{out} has checkpoints but none with the optimiser state (a save was cut short?); "
+                               "resume from one explicitly is not possible either: start anew with overwrite=true")
         return found[-1][1] if found else None
     if not os.path.isfile(os.path.join(resume, STATE_NAME)):
         raise UpcycleError(f"cannot resume from {resume}: not a training checkpoint (no {STATE_NAME})")
+    if not os.path.isfile(os.path.join(resume, OPTIM_NAME)):
+        raise UpcycleError(f"cannot resume from {resume}: it holds weights only (the optimiser state is kept in "
+                           "the newest checkpoint of a run); resume from that one")
     return resume
+
+
+def drop_after(out: str, step: int) -> None:
+    """Delete checkpoints later than ``step``: resuming from an earlier one abandons them."""
+    for s, path in checkpoint_dirs(out):
+        if s > step:
+            shutil.rmtree(path)
+
+
+def remove_partial(out: str) -> None:
+    """Delete checkpoint directories a killed save left half-written."""
+    for path in glob.glob(os.path.join(out, "checkpoints", "step-*.tmp-*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Settings that decide which examples step N sees and how: a resume must not change them.
+_PINNED = ("model", "seed", "batch_size", "data", "lora", "nf4")
+
+
+def check_compatible(state: dict, cfg, path: str) -> None:
+    import dataclasses
+
+    old, new = state.get("recipe") or {}, dataclasses.asdict(cfg)
+    changed = [k for k in _PINNED if k in old and old[k] != new[k]]
+    if changed:
+        raise UpcycleError(f"cannot resume from {path}: the recipe changed {', '.join(changed)} since it was "
+                           "saved (those decide what each step trains on); start a new run with another out=")
+
+
+def check_adapter_base(path: str, fingerprint: str | None) -> None:
+    """An adapter checkpoint resumes only onto the base it was trained on."""
+    from upcycle.adapters import read_adapter_config
+
+    want = (read_adapter_config(path).get("upcycle") or {}).get("base_fingerprint")
+    if fingerprint and want and want != fingerprint:
+        raise UpcycleError(f"cannot resume from {path}: its adapter was trained on a base with fingerprint {want}, "
+                           f"the recipe's model has {fingerprint}")
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, adapter: bool,
@@ -73,15 +120,21 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
         else:
             inner.save_pretrained(tmp, state_dict=model_sd)
         tokenizer.save_pretrained(tmp)
-        torch.save({**state, "step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                    "rng": rng, "world": d.world}, os.path.join(tmp, STATE_NAME))
-        if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
+        torch.save({**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng, "world": d.world},
+                   os.path.join(tmp, STATE_NAME))
+        torch.save(optim_sd, os.path.join(tmp, OPTIM_NAME))
+        if os.path.exists(final):  # the same step saved again (a resumed run): swap it whole
+            os.replace(final, f"{final}.tmp-old")
         os.replace(tmp, final)
+        shutil.rmtree(f"{final}.tmp-old", ignore_errors=True)
         _point_last(out, final)
+        kept = checkpoint_dirs(out)
         if keep_last is not None:
-            for _, old in checkpoint_dirs(out)[:-keep_last]:
+            for _, old in kept[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+        for _, old in kept[:-1]:  # AdamW's state is twice the weights: the newest checkpoint's suffices
+            if os.path.exists(os.path.join(old, OPTIM_NAME)):
+                os.remove(os.path.join(old, OPTIM_NAME))
     d.barrier()
     return final
 
@@ -97,18 +150,26 @@ def _point_last(out: str, final: str) -> None:
     os.replace(tmp, link)
 
 
-def load_trainer_state(path: str) -> dict:
+def _load(path: str) -> dict:
     try:
-        # weights_only=False: the state holds the recipe dict and RNG states, written by us.
-        return torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged files
-        raise UpcycleError(f"cannot read {path}/{STATE_NAME}: {str(e).splitlines()[0]}") from None
+        raise UpcycleError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_trainer_state(path: str) -> dict:
+    """The trainer state of checkpoint ``path``, with its optimiser state under ``optimizer``."""
+    return {**_load(os.path.join(path, STATE_NAME)), "optimizer": _load(os.path.join(path, OPTIM_NAME))}
 
 
 def restore(state: dict, model, optimizer, scheduler, d) -> None:
     """Optimiser, scheduler and RNG from a loaded ``trainer_state`` (the weights are loaded already)."""
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+    try:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UpcycleError(f"the checkpoint's optimiser state does not fit this model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
     scheduler.load_state_dict(state["scheduler"])
     rng = state.get("rng") or []
     if state.get("world") == d.world and d.rank < len(rng):

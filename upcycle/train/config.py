@@ -134,6 +134,11 @@ class TrainConfig:
     def validate(self) -> None:
         from upcycle.moe.experts import EXPERT_BACKENDS
 
+        if self.seed < 0:
+            raise UpcycleError(f"seed must be >= 0, got {self.seed}")
+        if self.lora is not None and self.checkpoint == "full":
+            raise UpcycleError("checkpoint: full with lora would save wrapped (or NF4) weights no loader reads; "
+                               "use checkpoint: adapter (then upcycle merge)")
         if (self.max_steps is None) == (self.epochs is None):
             raise UpcycleError("give exactly one of max_steps and epochs")
         for name in ("batch_size", "micro_batch_size", "log_every", "max_steps", "epochs", "eval_every",
@@ -258,11 +263,17 @@ def load_recipe(recipe: str, overrides: list[str] = ()) -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise UpcycleError(f"recipe {path} is not a mapping of settings")
+    given = set()
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
             raise UpcycleError(f"override {item!r} is not key=value (e.g. optim.lr=2e-5)")
         _set(raw, key, parse_value(value))
+        given.add(key)
+    # max_steps and epochs are alternatives: giving one on the command line replaces the recipe's other.
+    for key, other in (("max_steps", "epochs"), ("epochs", "max_steps")):
+        if key in given and other not in given and raw.get(key) is not None:
+            raw[other] = None
     cfg = from_dict(TrainConfig, raw, "recipe")
     cfg.validate()
     return cfg

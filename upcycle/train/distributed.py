@@ -56,6 +56,14 @@ class Dist:
             return flag
         return bool(self.all_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
+    def broadcast(self, obj):
+        """The main process's ``obj`` on every process."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather_objects(self, obj) -> list:
         if not self.enabled:
             return [obj]

@@ -10,8 +10,11 @@ from tqdm.auto import tqdm
 from upcycle.train.trainer import Trainer, write_json
 
 
-def _window():
-    return {"ce": 0.0, "targets": 0, "aux": 0.0, "tokens": 0, "steps": 0, "grad_norm": 0.0, "t0": time.perf_counter()}
+def _window(saved: dict | None = None) -> dict:
+    """Sums over the steps since the last metrics line (saved in checkpoints: a resume that
+    starts mid-window logs the same line an uninterrupted run would)."""
+    return {"ce": 0.0, "targets": 0, "aux": 0.0, "tokens": 0, "steps": 0, "grad_norm": 0.0, **(saved or {}),
+            "t0": time.perf_counter()}
 
 
 def run_loop(t: Trainer, stop) -> dict:
@@ -23,19 +26,19 @@ def run_loop(t: Trainer, stop) -> dict:
     tokens_seen = int(t.state.get("tokens", 0)) if t.state else 0
     bar = tqdm(total=t.total_steps, initial=t.step, unit="step", dynamic_ncols=True,
                disable=not (d.main and cfg.progress), desc=os.path.basename(os.path.normpath(cfg.out)))
-    win, last_eval, saved, stopped = _window(), None, [], None
+    win, last_eval, saved, stopped = _window(t.state.get("window") if t.state else None), None, [], None
 
     def epoch() -> float:
         return t.step / t.steps_per_epoch
 
     def extra() -> dict:
-        return {"tokens": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0}
+        return {"tokens": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - t0,
+                "window": {k: v for k, v in win.items() if k != "t0"}}
 
     if cfg.eval_at_start and t.step == 0:
         last_eval = t.evaluate()
         if last_eval is not None and d.main:
-            t.metrics.write({"type": "eval", "step": 0, "epoch": 0.0, "tokens": 0, **last_eval})
-            bar.write(f"step 0: held-out loss {last_eval['loss']:.4f}, perplexity {last_eval['ppl']:.2f}")
+            _log_eval(t, bar, last_eval, 0.0, 0)
     while t.step < t.total_steps:
         r = t.train_step()
         tokens_seen += r["tokens"]
@@ -60,17 +63,17 @@ def run_loop(t: Trainer, stop) -> dict:
             win = _window()
         epoch_end = t.step % t.steps_per_epoch == 0
         epoch_save = (cfg.save_every_epoch and epoch_end and round(epoch()) >= cfg.save_from_epoch)
+        evaluated = None
         if done or epoch_save or (cfg.eval_every and t.step % cfg.eval_every == 0):
-            last_eval = t.evaluate()
-            if last_eval is not None and d.main:
-                t.metrics.write({"type": "eval", "step": t.step, "epoch": round(epoch(), 4), "tokens": tokens_seen,
-                                 **last_eval})
-                bar.write(f"step {t.step}: held-out loss {last_eval['loss']:.4f}, perplexity {last_eval['ppl']:.2f}")
-        stopped = stop.signal if d.any(stop.signal is not None) else None
+            evaluated = last_eval = t.evaluate()
+            if evaluated is not None and d.main:
+                _log_eval(t, bar, evaluated, epoch(), tokens_seen)
+        # Every process stops at the same step, whichever of them got the signal.
+        stopped = (stop.signal or "a signal to another process") if d.any(stop.signal is not None) else None
         if done or epoch_save or stopped or (cfg.save_every and t.step % cfg.save_every == 0):
-            path = t.save(epoch(), {**extra(), "eval": last_eval if done or epoch_save else None})
+            path = t.save(epoch(), {**extra(), "eval": evaluated})
             saved.append({"step": t.step, "epoch": round(epoch(), 4), "path": path,
-                          "eval_loss": last_eval["loss"] if last_eval and (done or epoch_save) else None})
+                          "eval_loss": evaluated["loss"] if evaluated else None})
         if stopped:
             break
     bar.close()
@@ -84,6 +87,11 @@ def run_loop(t: Trainer, stop) -> dict:
     if d.main:
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     return summary
+
+
+def _log_eval(t: Trainer, bar, ev: dict, epoch: float, tokens: int) -> None:
+    t.metrics.write({"type": "eval", "step": t.step, "epoch": round(epoch, 4), "tokens": tokens, **ev})
+    bar.write(f"step {t.step}: held-out loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
 
 
 def _announce(t: Trainer) -> None:

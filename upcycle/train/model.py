@@ -44,10 +44,12 @@ def add_residual_dropout(model: nn.Module, p_max: float) -> list[float]:
     n = len(layers)
     rates = [p_max * i / (n - 1) if n > 1 else p_max for i in range(n)]
     for layer, p in zip(layers, rates):
-        for name in ("self_attn", "attention", "mlp"):
-            branch = getattr(layer, name, None)
-            if branch is not None:
-                branch.register_forward_hook(_residual_dropout_hook(p))
+        branches = [getattr(layer, name) for name in ("self_attn", "attention", "attn", "mlp") if hasattr(layer, name)]
+        if len(branches) != 2:
+            raise UpcycleError(f"residual_dropout: cannot find the attention and MLP branches of "
+                               f"{type(layer).__name__}")
+        for branch in branches:
+            branch.register_forward_hook(_residual_dropout_hook(p))
     return rates
 
 

@@ -15,6 +15,7 @@ micro-batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import json
 import math
@@ -65,6 +66,7 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The global batches of one epoch: a seeded permutation cut into ``batch_size`` pieces."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -94,22 +96,28 @@ class Trainer:
             raise UpcycleError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
                                f"({cfg.micro_batch_size} x {d.world})")
         self.micro_per_step = micro_per_step
-        self.resume_from = self._check_out()
+        self.autocast = self._autocast()
+        # The main process decides where to resume (every node may not see the same disk).
+        self.resume_from = d.broadcast(self._check_out() if d.main else None)
+        if self.resume_from and not os.path.isdir(self.resume_from):
+            raise UpcycleError(f"process {d.rank} cannot see {self.resume_from}: out must be on a filesystem "
+                               "shared by all processes")
         self.state = ckpt.load_trainer_state(self.resume_from) if self.resume_from else None
+        if self.state is not None:
+            ckpt.check_compatible(self.state, cfg, self.resume_from)
         torch.manual_seed(cfg.seed)  # adapter init: the same on every process
         from upcycle.train.model import build_model
 
         full_resume = self.resume_from if self.resume_from and not cfg.adapter_checkpoints else None
         model, self.tokenizer, self.model_info = build_model(cfg, d.device, source=full_resume)
-        if self.resume_from and cfg.adapter_checkpoints:
-            from upcycle.adapters import load_adapter_weights
-
-            load_adapter_weights(model, self.resume_from)
         self.fingerprint = None
-        if cfg.adapter_checkpoints and d.main:
-            from upcycle.adapters import base_fingerprint
+        if cfg.adapter_checkpoints:
+            from upcycle.adapters import base_fingerprint, load_adapter_weights
 
-            self.fingerprint = base_fingerprint(cfg.model)
+            self.fingerprint = base_fingerprint(cfg.model) if d.main else None
+            if self.resume_from:
+                ckpt.check_adapter_base(self.resume_from, self.fingerprint)
+                load_adapter_weights(model, self.resume_from)
         # Data: the main process first, so the others find its datasets cache.
         if not d.main:
             d.barrier()
@@ -117,27 +125,35 @@ class Trainer:
             cfg.data, self.tokenizer, seed=cfg.seed, log=tqdm.write if d.main else (lambda *_: None))
         if d.main:
             d.barrier()
-        self._init_out()  # only now that model and data are known good: bad input writes nothing
         self.steps_per_epoch = len(self.train_ds) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise UpcycleError(f"the training set has {len(self.train_ds)} sequences, fewer than batch_size "
                                f"({cfg.batch_size})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.n_targets = [_targets(ex) for ex in self.train_ds]
+        self.n_targets = self._count_targets()
         self.model = distributed.wrap(model, d, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.step = 0
+        self.telemetry = RoutingTelemetry(self.model, warn=d.main)
         if self.state is not None:
             ckpt.restore(self.state, self.model, self.optimizer, self.scheduler, d)
             self.step = int(self.state["step"])
+            if d.main and "routing_sums" in self.state:
+                self.telemetry.sums.copy_(self.state["routing_sums"])
         else:
             torch.manual_seed(cfg.seed * 1009 + d.rank)  # dropout masks differ across processes
-        self.telemetry = RoutingTelemetry(self.model, warn=d.main)
-        self.autocast = self._autocast()
+        self._init_out()  # only now that model, data and state are known good: bad input writes nothing
         self.metrics = None
         if d.main:
             self.metrics = MetricsWriter(cfg.out, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
+
+    def _count_targets(self) -> list[int]:
+        """Per training sequence, the tokens it trains on (labels after the causal shift, not -100)."""
+        import numpy as np
+
+        labels = self.train_ds.with_format("numpy")["labels"]
+        return [int(np.count_nonzero(np.asarray(row)[1:] != -100)) for row in labels]
 
     # ---- setup -------------------------------------------------------------------------
     def _check_out(self) -> str | None:
@@ -150,19 +166,33 @@ class Trainer:
         if busy and resume is None and cfg.resume != "auto" and not cfg.overwrite:
             raise UpcycleError(f"{cfg.out} holds a run already: pass resume=auto to continue it, "
                                "overwrite=true to start afresh, or another out=")
-        self._fresh_over_old = bool(busy and resume is None)
+        if resume and busy and not _inside(resume, cfg.out) and not cfg.overwrite:
+            raise UpcycleError(f"{cfg.out} holds another run: resume {resume} into a new out=, or pass overwrite=true")
+        self._fresh_over_old = bool(busy and (resume is None or not _inside(resume, cfg.out)))
+        if self._fresh_over_old and _inside(cfg.model, os.path.join(cfg.out, "checkpoints")):
+            raise UpcycleError(f"model {cfg.model} lies in {cfg.out}, which overwrite would delete: choose another out=")
         return resume
 
     def _init_out(self) -> None:
         cfg, d = self.cfg, self.d
         if d.main:
-            if self._fresh_over_old:
-                for name in ("checkpoints", "metrics.jsonl", "tb", "plots", "summary.json"):
-                    path = os.path.join(cfg.out, name)
-                    shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
-            os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
-            with open(os.path.join(cfg.out, "recipe.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+            try:
+                if self._fresh_over_old:
+                    for name in ("checkpoints", "metrics.jsonl", "tb", "plots"):
+                        path = os.path.join(cfg.out, name)
+                        if os.path.isdir(path):
+                            shutil.rmtree(path)
+                        elif os.path.exists(path):
+                            os.remove(path)
+                elif self.resume_from:
+                    ckpt.drop_after(cfg.out, self.step)  # the abandoned future of an earlier attempt
+                ckpt.remove_partial(cfg.out)
+                os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+                if os.path.exists(os.path.join(cfg.out, "summary.json")):
+                    os.remove(os.path.join(cfg.out, "summary.json"))  # describes an earlier attempt
+                write_text(os.path.join(cfg.out, "recipe.yaml"), to_yaml(cfg))
+            except OSError as e:
+                raise UpcycleError(f"cannot write the run directory {cfg.out}: {e}") from None
         d.barrier()
 
     def _autocast(self):
@@ -220,7 +250,8 @@ class Trainer:
             what = "loss" if not math.isfinite(lm_loss + aux_mean) else "gradient norm"
             raise TrainingDiverged(
                 f"the {what} became {lm_loss + aux_mean if what == 'loss' else grad_norm} at step {self.step + 1}; "
-                f"nothing was updated or saved after the last good checkpoint ({self._last_checkpoint() or 'none'}); "
+                f"this step was not applied and nothing was saved; the last good checkpoint is "
+                f"{self._last_checkpoint() or 'none (no checkpoint yet)'}; "
                 "lower optim.lr, raise schedule.warmup_steps or set optim.grad_clip")
         # The base learning rate (``optim.lr``): the "rest" group, else the first (adapters only).
         lr = next((g["lr"] for g in self.optimizer.param_groups if g["name"] == "rest"),
@@ -272,7 +303,10 @@ class Trainer:
 
     def save(self, epoch: float, extra: dict) -> str:
         cfg = self.cfg
-        state = {"seed": cfg.seed, "epoch": epoch, "recipe": dataclasses.asdict(cfg), **extra}
+        # The open logging window's routing counts, over all processes (restored on the main one).
+        routing_sums = self.d.all_sum(self.telemetry.sums.clone())
+        state = {"seed": cfg.seed, "epoch": epoch, "recipe": dataclasses.asdict(cfg), "routing_sums": routing_sums,
+                 **extra}
         return ckpt.save_checkpoint(cfg.out, self.step, self.model, self.optimizer, self.scheduler, state,
                                     adapter=cfg.adapter_checkpoints, tokenizer=self.tokenizer, base_path=cfg.model,
                                     fingerprint=self.fingerprint, keep_last=cfg.keep_last, d=self.d)
@@ -298,12 +332,21 @@ def train(cfg: TrainConfig) -> dict:
         distributed.shutdown()
 
 
-def write_json(path: str, obj) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write aside and rename: a kill never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
-__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "train", "write_json"]
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "train", "write_json", "write_text"]
