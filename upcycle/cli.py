@@ -298,7 +298,7 @@ def _train(a) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if s["stopped_by"]:
-        again = shlex.join(["upcycle", "train", a.recipe, *[o for o in a.overrides if not o.startswith("resume=")],
+        again = shlex.join(["upcycle", "train", a.recipe, *[o for o in a.overrides if not o.startswith(("resume=", "overwrite="))],
                             "resume=auto"])
         print(f"stopped by {s['stopped_by']} at step {s['steps']}/{s['total_steps']}; checkpoint "
               f"{s['last_checkpoint']}; continue with: {again}")

@@ -22,7 +22,7 @@ from upcycle.errors import UpcycleError
 from .chat import encode_chats
 from .config import DataConfig
 from .curate import curate, normalise, prompt_text, quality_filter
-from .sources import _load_chat, load_text
+from .sources import load_chat, load_text
 from .text import pack_documents
 
 
@@ -95,18 +95,24 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int = 0, num_proc: int |
     return train, eval_, report
 
 
-def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
-    docs, heldout = load_text(cfg.train, cfg)
-    _nonempty(len(docs), "train", cfg.train)
+def _train_and_eval(cfg: DataConfig, load, split, unit: str, seed: int):
+    """(train, eval or None, eval's description) from ``load(spec, cfg) -> (all, held-out or None)``,
+    by the eval rule of ``build_datasets``; ``split`` carves eval out of train when nothing else gives one."""
+    train, heldout = load(cfg.train, cfg)
+    _nonempty(len(train), "train", cfg.train)
     if cfg.eval is not None:
-        eval_docs, eval_held = load_text(cfg.eval, cfg)
-        eval_docs, eval_source = (eval_held, f"{cfg.eval} (held-out split)") if eval_held else (eval_docs, cfg.eval)
-        _nonempty(len(eval_docs), "eval", cfg.eval)
-    elif heldout:
-        eval_docs, eval_source = heldout, f"{cfg.train} (held-out split)"
-    else:
-        docs, eval_docs = _split_documents(docs, cfg.eval_fraction, seed)
-        eval_source = f"{cfg.train} ({cfg.eval_fraction:g} of the documents, seed {seed})"
+        eval_all, eval_held = load(cfg.eval, cfg)
+        ev, source = (eval_held, f"{cfg.eval} (held-out split)") if eval_held else (eval_all, cfg.eval)
+        _nonempty(len(ev), "eval", cfg.eval)
+        return train, ev, source
+    if heldout:
+        return train, heldout, f"{cfg.train} (held-out split)"
+    train, ev = split(train, cfg.eval_fraction, seed)
+    return train, ev, f"{cfg.train} ({cfg.eval_fraction:g} of the {unit}, seed {seed})"
+
+
+def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
+    docs, eval_docs, eval_source = _train_and_eval(cfg, load_text, _split_documents, "documents", seed)
     train, train_stats = pack_documents(docs, tokenizer, cfg.seq_len, num_proc=num_proc)
     keep = _subset(len(train), cfg.max_train_examples, seed)
     if keep is not None:
@@ -121,17 +127,7 @@ def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
 
 
 def _build_chat(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
-    pool, heldout = _load_chat(cfg.train, cfg)
-    _nonempty(len(pool), "train", cfg.train)
-    if cfg.eval is not None:
-        eval_pool, eval_held = _load_chat(cfg.eval, cfg)
-        eval_pool, eval_source = (eval_held, f"{cfg.eval} (held-out split)") if eval_held else (eval_pool, cfg.eval)
-        _nonempty(len(eval_pool), "eval", cfg.eval)
-    elif heldout:
-        eval_pool, eval_source = heldout, f"{cfg.train} (held-out split)"
-    else:
-        pool, eval_pool = _split_pool(pool, cfg.eval_fraction, seed)
-        eval_source = f"{cfg.train} ({cfg.eval_fraction:g} of the prompts, seed {seed})"
+    pool, eval_pool, eval_source = _train_and_eval(cfg, load_chat, _split_pool, "prompts", seed)
     report: dict = {}  # the curation report goes last
     if cfg.curate is not None:
         pool, report["curation"] = curate(pool, cfg.curate, seed)

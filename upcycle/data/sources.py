@@ -207,10 +207,11 @@ def load_chat_pool(spec: str, cfg: DataConfig) -> list[dict]:
     a ``topic`` or ``category`` column if present, their source the spec. Built-in message texts
     are stripped of surrounding whitespace.
     """
-    return _load_chat(spec, cfg)[0]
+    return load_chat(spec, cfg)[0]
 
 
-def _load_chat(spec: str, cfg: DataConfig) -> tuple[list[dict], list[dict] | None]:
+def load_chat(spec: str, cfg: DataConfig) -> tuple[list[dict], list[dict] | None]:
+    """(examples, held-out examples or None) of ``spec``, as ``load_chat_pool`` rows."""
     if spec in BUILTINS:
         _check_builtin_kind(spec, "chat")
         pool = (_chatterbot() if spec in ("chatterbot", "dialogue") else []) + (

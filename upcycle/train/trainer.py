@@ -228,7 +228,8 @@ class Trainer:
         return ce, (aux if aux is not None else ce.new_zeros(())), int(batch["attention_mask"].sum())
 
     def train_step(self) -> dict:
-        cfg, d = self.cfg, self.d
+        """One optimiser step over the global batch; returns its losses, tokens, grad norm and lr."""
+        d = self.d
         micro, n_targets = self._micro_batches(self.step)
         n_micro = self.micro_per_step
         ce_sum, aux_sum, tokens = torch.zeros((), dtype=torch.float64), 0.0, 0
