@@ -243,6 +243,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "valid keys" in r.stderr
     r = subprocess.run([sys.executable, "-m", "upcycle", "train", "--list"], capture_output=True, text=True)
     assert r.returncode == 0 and "lima_sft" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "upcycle", "train", "lima_sft", "--print-config", "epochs=2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "\nepochs: 2\n" in r.stdout
     r = subprocess.run([sys.executable, "-m", "upcycle", "train", "continued_pretraining",
                         f"model={tmp_path}/missing", f"out={tmp_path}/out"], capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr and r.stderr.count("\n") == 1

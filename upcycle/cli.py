@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # argparse cannot take flags between positionals: flags first
+        argv = ["train", *[x for x in argv[1:] if x.startswith("-")], *[x for x in argv[1:] if not x.startswith("-")]]
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, *_a, **_k: f"upcycle: warning: {msg}\n"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
