@@ -74,9 +74,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
 
 
-def _targets(example: dict) -> int:
-    """Tokens this example trains on: labels after the causal shift that are not -100."""
-    return sum(1 for t in example["labels"][1:] if t != -100)
+def _count_targets(ds) -> list[int]:
+    """Per sequence, the tokens it trains on: labels after the causal shift that are not -100."""
+    import numpy as np
+
+    labels = ds.with_format("numpy")["labels"]
+    return [int(np.count_nonzero(np.asarray(row)[1:] != -100)) for row in labels]
 
 
 class Trainer:
@@ -130,7 +133,9 @@ class Trainer:
             raise UpcycleError(f"the training set has {len(self.train_ds)} sequences, fewer than batch_size "
                                f"({cfg.batch_size})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.n_targets = self._count_targets()
+        self.n_targets = _count_targets(self.train_ds)
+        # Counted once: every evaluation sums them per micro-batch.
+        self.eval_targets = _count_targets(self.eval_ds) if self.eval_ds is not None else []
         self.model = distributed.wrap(model, d, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
@@ -147,13 +152,6 @@ class Trainer:
         self.metrics = None
         if d.main:
             self.metrics = MetricsWriter(cfg.out, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
-
-    def _count_targets(self) -> list[int]:
-        """Per training sequence, the tokens it trains on (labels after the causal shift, not -100)."""
-        import numpy as np
-
-        labels = self.train_ds.with_format("numpy")["labels"]
-        return [int(np.count_nonzero(np.asarray(row)[1:] != -100)) for row in labels]
 
     # ---- setup -------------------------------------------------------------------------
     def _check_out(self) -> str | None:
@@ -291,7 +289,7 @@ class Trainer:
             ce, _, _ = self._forward(part, training=False)
             if i < len(mine):
                 ce_sum += float(ce)
-                n += sum(_targets(self.eval_ds[k]) for k in part)
+                n += sum(self.eval_targets[k] for k in part)
         self.model.train()
         ce_total, n_total = d.all_sum(torch.tensor([ce_sum, n], dtype=torch.float64)).tolist()
         loss = ce_total / max(n_total, 1)
