@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import upcycle
 from upcycle import ConvertConfig, MoEConfig
-from upcycle.checkpoint import describe
+from upcycle.models import describe
 
 
 def _tensors(path):

@@ -110,7 +110,7 @@ def _experts(gated, bias, E=4, D=16, Fn=24, seed=0):
 
 
 def _triton_ok():
-    from upcycle.moe.experts import triton_unsupported
+    from upcycle.moe.backends import triton_unsupported
 
     return triton_unsupported(torch.float32, "silu", "cpu") is None
 

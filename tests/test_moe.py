@@ -132,7 +132,7 @@ def test_sum_backward_and_empty_input(backend):
 
 
 def test_grad_contiguous_guard_lets_grouped_mm_take_a_sum_backward():
-    from upcycle.moe.experts import _grad_contiguous
+    from upcycle.moe.compute import grad_contiguous as _grad_contiguous
 
     x = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(2, 4, 8, requires_grad=True)

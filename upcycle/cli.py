@@ -16,9 +16,13 @@ import os
 import re
 import shlex
 import sys
+import typing
 import warnings
 
+from upcycle.config import RoutingName
 from upcycle.errors import UpcycleError
+from upcycle.moe.backends import EXPERT_BACKENDS
+from upcycle.version import __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +55,7 @@ def _add_convert(sub) -> None:
     g.add_argument("--layers", type=int, help="upcycle the last N MLPs")
     g.add_argument("--layer-ids", type=_int_list, help="upcycle these layers, e.g. 3,7,11")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    p.add_argument("--routing", choices=["topk", "expert-choice"], default="topk")
+    p.add_argument("--routing", choices=list(typing.get_args(RoutingName)), default="topk")
     p.add_argument("--top-k", type=int, default=None, help="K for top-K routing (default 2)")
     p.add_argument("--no-normalize", action="store_true", help="top-K: keep raw softmax combine weights")
     p.add_argument("--capacity-factor", type=float, default=None,
@@ -73,19 +77,26 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=_convert)
 
 
+# MoEConfig routing fields -> the convert flag that sets each.
+_ROUTING_FLAGS = {"top_k": "--top-k", "normalize_topk": "--no-normalize", "topk_capacity_factor": "--capacity-factor",
+                  "capacity": "--capacity", "ec_group": "--ec-group"}
+
+
 def _convert(a) -> None:
     from upcycle.config import ConvertConfig, MoEConfig
+    from upcycle.moe.schemes import scheme_class
     from upcycle.surgery.convert import convert
 
     if a.layers is None and a.layer_ids is None:
         raise UpcycleError("give --layers N or --layer-ids I,J,...")
-    # A flag of the other routing would be silently ignored: refuse it instead.
-    other = ({"--capacity": a.capacity, "--ec-group": a.ec_group} if a.routing == "topk" else
-             {"--top-k": a.top_k, "--no-normalize": a.no_normalize or None, "--capacity-factor": a.capacity_factor})
-    for flag, value in other.items():
-        if value is not None:
-            hint = " (top-K's capacity is --capacity-factor)" if flag == "--capacity" else ""
-            raise UpcycleError(f"{flag} does not apply to --routing {a.routing}{hint}")
+    # A flag of another routing scheme would be silently ignored: refuse it instead.
+    given = {"top_k": a.top_k, "normalize_topk": a.no_normalize or None, "topk_capacity_factor": a.capacity_factor,
+             "capacity": a.capacity, "ec_group": a.ec_group}
+    own = scheme_class(a.routing).fields
+    for field, value in given.items():
+        if value is not None and field not in own:
+            hint = " (top-K's capacity is --capacity-factor)" if field == "capacity" else ""
+            raise UpcycleError(f"{_ROUTING_FLAGS[field]} does not apply to --routing {a.routing}{hint}")
     out = a.out or os.path.join(
         "runs", f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', os.path.basename(a.model.rstrip('/')))}"
                 f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}")
@@ -118,7 +129,7 @@ def _add_inspect(sub) -> None:
 
 
 def _inspect(a) -> None:
-    from upcycle.checkpoint import describe
+    from upcycle.models.upcycled import describe
 
     if not os.path.exists(a.path):
         raise UpcycleError(f"checkpoint not found: {a.path}")
@@ -162,8 +173,6 @@ def _add_eval(sub) -> None:
 
 
 def _add_runtime_flags(p) -> None:
-    from upcycle.moe.experts import EXPERT_BACKENDS
-
     p.add_argument("--experts-backend", default="auto", choices=EXPERT_BACKENDS)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available)")
 
@@ -175,7 +184,8 @@ def _device(a) -> str:
 
 
 def _eval(a) -> None:
-    from upcycle.inference import format_table, load_model_and_tokenizer, perplexity, read_text, routing_table
+    from upcycle.inference import format_table, perplexity, read_text, routing_table
+    from upcycle.models.loader import load_model_and_tokenizer
 
     # Checked before any model loads: on a large model a late error costs minutes.
     for flag, value, least in (("--seq-len", a.seq_len, 2), ("--batch-size", a.batch_size, 1),
@@ -185,7 +195,7 @@ def _eval(a) -> None:
     text = read_text(a.text)
     models = [a.path]
     if a.baseline == "@source":
-        from upcycle.checkpoint import describe
+        from upcycle.models.upcycled import describe
 
         info = describe(a.path)
         if not info["upcycled"]:
@@ -231,7 +241,8 @@ def _add_generate(sub) -> None:
 
 
 def _generate(a) -> None:
-    from upcycle.inference import generate, load_model_and_tokenizer
+    from upcycle.inference import generate
+    from upcycle.models.loader import load_model_and_tokenizer
 
     if not a.prompt.strip():
         raise UpcycleError("--prompt is empty")
@@ -325,8 +336,6 @@ def _plot(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from upcycle import __version__
-
     parser = _Parser(prog="upcycle", description="Dense LLM checkpoints -> Mixture-of-Experts.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

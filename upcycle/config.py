@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from upcycle.errors import UpcycleError
 
-Routing = Literal["topk", "expert-choice"]
+RoutingName = Literal["topk", "expert-choice"]
+"""Routing schemes by name (each one an object in ``upcycle.moe.schemes``)."""
 ECGroup = Literal["position", "sequence"]
 
 
@@ -27,7 +28,7 @@ class MoEConfig:
 
     num_experts: int
     """E, experts per MoE layer (>= 2)."""
-    routing: Routing = "topk"
+    routing: RoutingName = "topk"
     """``topk``: each token picks K experts. ``expert-choice``: each expert picks T tokens."""
     top_k: int = 2
     """K for top-K routing (1 <= K <= E)."""
@@ -51,8 +52,8 @@ class MoEConfig:
     def validate(self) -> None:
         if self.num_experts < 2:
             raise UpcycleError(f"--experts must be at least 2, got {self.num_experts}")
-        if self.routing not in ("topk", "expert-choice"):
-            raise UpcycleError(f"--routing must be 'topk' or 'expert-choice', got {self.routing!r}")
+        if self.routing not in typing.get_args(RoutingName):
+            raise UpcycleError(f"--routing must be one of {', '.join(typing.get_args(RoutingName))}, got {self.routing!r}")
         if not 1 <= self.top_k <= self.num_experts:
             raise UpcycleError(
                 f"--top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k}"

@@ -1,4 +1,4 @@
-"""Evaluation and generation on upcycled checkpoints and on their dense sources.
+"""Evaluation and generation on upcycled checkpoints and on their dense sources (loaded by ``upcycle.models``).
 
     upcycle eval runs/smollm2-moe --text play.txt --baseline
     upcycle generate runs/smollm2-moe --prompt "What is a sonnet?"
@@ -14,27 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
-
-
-def load_model_and_tokenizer(spec: str, experts_backend: str = "auto", device: str | None = None):
-    """(model, tokenizer) for an upcycled checkpoint dir or any dense source ``--model`` accepts."""
-    from transformers import AutoTokenizer
-
-    from upcycle.checkpoint import _read_config, load
-
-    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
-        if "upcycle" in _read_config(spec):
-            model = load(spec, experts_backend=experts_backend, device=device)
-            try:
-                tok = AutoTokenizer.from_pretrained(spec)
-            except (OSError, ValueError):
-                raise UpcycleError(f"{spec} has no tokenizer files") from None
-            return model, tok
-    from upcycle.sources import open_source
-
-    with open_source(spec) as src:
-        model = src.load_dense_model()
-        return (model.to(device) if device else model), src.load_tokenizer()
+from upcycle.moe.block import routing_stats
+from upcycle.moe.stats import RoutingStats
 
 
 def read_text(path: str) -> str:
@@ -75,8 +56,6 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
     batches = [full[i: i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[w] for w in windows if len(w) != seq_len]
     device = next(model.parameters()).device
-    from upcycle.moe import RoutingStats, routing_stats
-
     nll_sum, count, first = 0.0, 0, None
     routing: dict[str, list[RoutingStats]] = {}
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ An upcycled checkpoint's ``config.json`` is the base config with ``model_type`` 
 ``upcycle_<base>`` and an ``upcycle`` section. The registered model class is the base
 transformers class whose MLPs at ``upcycle.layer_ids`` are replaced by ``MoEBlock`` at
 construction, so ``from_pretrained``, ``save_pretrained`` and ``generate`` are transformers'
-own and the stacked expert tensors load by name.
+own and the stacked expert tensors load by name. The decoder's forward hands its attention
+mask to the MoE blocks, so padded positions get no expert.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
-from upcycle.moe import MoEBlock
+from upcycle.moe.block import MoEBlock, use_attention_mask
 from upcycle.surgery.arch import ARCHITECTURES, arch_for
 
 _CONFIG_CLASSES: dict[str, type] = {}
@@ -34,7 +35,8 @@ def moe_config_of(config) -> MoEConfig:
 
 
 def install_moe_blocks(model, config, backend: str = "auto") -> None:
-    """Replace the MLP of every layer in ``config.upcycle['layer_ids']`` with an ``MoEBlock``."""
+    """Replace the MLP of every layer in ``config.upcycle['layer_ids']`` with an ``MoEBlock``, and
+    have the decoder's forward hand them its attention mask (pads are routed nowhere)."""
     spec = arch_for(config.upcycle["base_model_type"])
     mlp = config.upcycle["mlp"]
     moe_cfg = moe_config_of(config)
@@ -47,6 +49,7 @@ def install_moe_blocks(model, config, backend: str = "auto") -> None:
             bias=mlp["bias"], backend=backend, dtype=weight.dtype, device=weight.device,
         )
         setattr(layers[i], spec.mlp_name, block)
+    use_attention_mask(model.get_submodule(spec.layers_prefix.rpartition(".")[0]))
 
 
 def upcycled_config_class(base_model_type: str) -> type:

@@ -7,9 +7,9 @@
     save_adapter(model, "runs/adapter", base_path="runs/smollm2-moe")
 """
 
+from upcycle.adapters.config import LoraConfig
 from upcycle.adapters.inject import (
     LORA_WRAPPERS,
-    LoraConfig,
     apply_lora,
     lora_modules,
     match_modules,
@@ -30,7 +30,7 @@ from upcycle.adapters.qlora import (
     quantize_model,
 )
 from upcycle.adapters.shared import SharedStackedExperts, share_experts, shared_base_report, unshare_experts
-from upcycle.adapters.merge import load_base, merge_command
+from upcycle.adapters.merge import merge_command
 from upcycle.adapters.peft_io import (
     adapter_state_dict,
     base_fingerprint,
@@ -67,7 +67,6 @@ __all__ = [
     "describe_adapter",
     "load_adapter",
     "load_adapter_weights",
-    "load_base",
     "lora_config_from_peft",
     "lora_modules",
     "lora_scaling",

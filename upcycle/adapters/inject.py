@@ -13,62 +13,21 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
 
 from torch import nn
 
-from upcycle.adapters.lora import LoraExperts, LoraLinear, _check_rank
+from upcycle.adapters.config import LoraConfig
+from upcycle.adapters.lora import LoraExperts, LoraLinear
+from upcycle.adapters.shared import format_shared_base_report, share_experts, shared_base_report, unshare_experts
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import MoEBlock
-from upcycle.moe.experts import StackedExperts
+from upcycle.moe.experts import ExpertsBase
 
 CONFIG_ATTR = "upcycle_lora_config"  # the LoraConfig of an applied adapter, kept on the model
 
 # Module types LoRA can wrap, and the wrapper each gets. Others (a quantised Linear, say)
 # can register theirs: ``LORA_WRAPPERS[MyLinear4bit] = MyLoraLinear4bit``.
 LORA_WRAPPERS: dict[type, type] = {nn.Linear: LoraLinear}
-
-
-@dataclass
-class LoraConfig:
-    """A LoRA adapter: where it goes and how big it is."""
-
-    r: int = 8
-    """Rank of every update ``B A``."""
-    alpha: float = 16
-    """Scale numerator: the update is multiplied by ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input (training only). PEFT cannot load expert LoRA with dropout > 0."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``."""
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """``nn.Linear`` modules to adapt. A list matches like PEFT's: a name equal to the module's
-    qualified name or to its last dotted parts (``q_proj``, ``self_attn.q_proj``); entries may
-    use shell wildcards (``layers.1*.self_attn.?_proj``). A single string is a regular
-    expression that must match the whole qualified name (PEFT's rule for strings)."""
-    experts: bool = True
-    """LoRA on the stacked experts of every MoE layer (per-expert A and B on both projections)."""
-    train_router: bool = False
-    """Train the MoE routers fully (saved with the adapter, like PEFT's ``modules_to_save``)."""
-    shared_base: bool | str = "auto"
-    """With ``experts``: store the frozen base of experts that are exact copies (a fresh upcycle)
-    ONCE per layer (``SharedStackedExperts``: E times less memory for it; same outputs and
-    gradients). ``"auto"``: where the experts are identical; True: all must be (else
-    UpcycleError); False: never. Not saved with the adapter (a property of the base in memory,
-    not of the adapter): the same adapter file loads onto a shared or an unshared base."""
-
-    def validate(self) -> None:
-        _check_rank(self.r, self.alpha, self.dropout)
-        t = self.target_modules
-        if not (isinstance(t, str) or (isinstance(t, (list, tuple)) and all(isinstance(p, str) for p in t))):
-            raise UpcycleError(f"LoRA target_modules must be a list of names or one regex string, got {t!r}")
-        if isinstance(t, str):
-            try:
-                re.compile(t)
-            except re.error as e:
-                raise UpcycleError(f"LoRA target_modules regex {t!r} is invalid: {e}") from None
-        if self.shared_base not in (True, False, "auto"):
-            raise UpcycleError(f"LoRA shared_base must be True, False or 'auto', got {self.shared_base!r}")
 
 
 def _matcher(pattern: str):
@@ -103,7 +62,7 @@ def _check_target(model: nn.Module, name: str, module: nn.Module) -> None:
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     if isinstance(module, (LoraLinear, LoraExperts)):
         raise UpcycleError(f"{name} already has LoRA: apply one adapter per model")
-    if isinstance(module, (StackedExperts, MoEBlock)):
+    if isinstance(module, (ExpertsBase, MoEBlock)):
         raise UpcycleError(f"LoRA target {name} is an MoE {type(module).__name__}: use LoraConfig(experts=True) "
                            "for expert LoRA, not target_modules")
     if isinstance(parent, MoEBlock) and module is parent.router:
@@ -144,8 +103,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
                            "train_router=False")
 
     if cfg.experts:  # before freezing anything: shared_base=True on experts that differ raises here
-        from upcycle.adapters.shared import share_experts
-
         share_experts(model, cfg.shared_base)
     model.requires_grad_(False)
     kw = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora)
@@ -182,8 +139,6 @@ def trainable_summary(model: nn.Module) -> str:
         trainable += p.numel() if p.requires_grad else 0
     pct = 100 * trainable / total if total else 0.0
     line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
-    from upcycle.adapters.shared import format_shared_base_report, shared_base_report
-
     rep = shared_base_report(model)
     return line + ("\n" + format_shared_base_report(rep) if rep["num_shared"] else "")
 
@@ -192,8 +147,6 @@ def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weights (forward then skips the LoRA path).
 
     Shared expert bases are un-shared first (E materialised copies: the merged experts differ)."""
-    from upcycle.adapters.shared import unshare_experts
-
     unshare_experts(model)
     for m in lora_modules(model).values():
         m.merge()
@@ -209,8 +162,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter and put the plain base modules back (for writing a merged checkpoint).
 
     Shared expert bases are un-shared first (the merged experts differ)."""
-    from upcycle.adapters.shared import unshare_experts
-
     unshare_experts(model)
     wrappers = lora_modules(model)
     for name, m in wrappers.items():

@@ -12,33 +12,13 @@ place when complete; an existing ``out`` is refused, never overwritten.
 from __future__ import annotations
 
 import os
-import shutil
 
 from upcycle.adapters.inject import lora_modules, merge_and_unload
 from upcycle.adapters.peft_io import check_base, load_adapter, read_adapter_config
 from upcycle.errors import UpcycleError
-
-TMP_MARK = ".upcycle-tmp-"
-
-
-def _is_upcycled_dir(path: str) -> bool:
-    from upcycle.checkpoint import _read_config
-
-    try:
-        return "upcycle" in _read_config(path)
-    except UpcycleError:  # not a model directory: the dense-source path reports it
-        return False
-
-
-def load_base(base: str):
-    """The base model an adapter applies to: ``upcycle.load`` for an upcycled dir, else the dense source."""
-    from upcycle.checkpoint import load
-    from upcycle.sources import open_source
-
-    if os.path.isdir(base) and _is_upcycled_dir(base):
-        return load(base)
-    with open_source(base) as src:
-        return src.load_dense_model()
+from upcycle.io import atomic_dir, is_upcycled_dir
+from upcycle.models.loader import load_model
+from upcycle.models.sources import open_source
 
 
 def merge_command(adapter_dir: str, out: str, base: str | None = None) -> dict:
@@ -47,11 +27,10 @@ def merge_command(adapter_dir: str, out: str, base: str | None = None) -> dict:
     Returns a summary: ``out``, ``base``, ``upcycled`` (whether the result has MoE layers) and
     ``merged_modules`` (how many wrapped modules were folded in).
     """
-    from upcycle.sources import open_source
-
     out = os.path.normpath(out)
+    exists = f"{out} already exists; merge never overwrites: choose another --out"
     if os.path.exists(out):
-        raise UpcycleError(f"{out} already exists; merge never overwrites: choose another --out")
+        raise UpcycleError(exists)
     raw = read_adapter_config(adapter_dir)
     base = base or raw.get("base_model_name_or_path")
     if not base:
@@ -62,23 +41,14 @@ def merge_command(adapter_dir: str, out: str, base: str | None = None) -> dict:
         except UpcycleError as e:
             raise UpcycleError(f"base model of adapter {adapter_dir} not found ({e}); pass --base") from None
     check_base(adapter_dir, raw, base)  # before loading anything big
-    model = load_base(base)
+    model = load_model(base)
     load_adapter(model, adapter_dir, base_path=base, verify_base=False)
     n = len(lora_modules(model))
     merge_and_unload(model)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out, exists_message=exists) as tmp:
         model.save_pretrained(tmp)
         with open_source(base) as src:
             src.save_tokenizer(tmp)
             if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
                 src.generation_config().save_pretrained(tmp)
-        if os.path.exists(out):  # appeared while we were writing
-            raise UpcycleError(f"{out} already exists; merge never overwrites: choose another --out")
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": out, "base": base, "upcycled": _is_upcycled_dir(out), "merged_modules": n}
+    return {"out": out, "base": base, "upcycled": is_upcycled_dir(out), "merged_modules": n}

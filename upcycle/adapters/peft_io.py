@@ -19,12 +19,11 @@ Tensor names (``<path>``: the module's qualified name in the model):
 
 ``adapter_config.json`` is PEFT's ``LoraConfig`` plus an ``upcycle`` section (our extension,
 ignored by PEFT): the base fingerprint (``sha256:`` over its weight files, as
-``upcycle.sources`` computes it), the expert layout, the original target patterns.
+``upcycle.models.sources`` computes it), the expert layout, the original target patterns.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -33,10 +32,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from upcycle.adapters.inject import CONFIG_ATTR, LoraConfig, apply_lora, lora_modules, unload_lora
+from upcycle.adapters.config import LoraConfig
+from upcycle.adapters.inject import CONFIG_ATTR, apply_lora, lora_modules, unload_lora
 from upcycle.adapters.lora import LoraExperts
 from upcycle.errors import UpcycleError
+from upcycle.io import atomic_path, read_json_object, write_json
+from upcycle.models.sources import open_source
 from upcycle.moe.block import MoEBlock
+from upcycle.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,9 +48,7 @@ FORMAT_VERSION = 1
 
 
 def base_fingerprint(base_path: str) -> str:
-    """``sha256:<hex>`` of a base checkpoint's weight files: ``upcycle.sources``' fingerprint."""
-    from upcycle.sources import open_source
-
+    """``sha256:<hex>`` of a base checkpoint's weight files: ``upcycle.models``' fingerprint."""
     with open_source(str(base_path)) as src:
         return src.fingerprint
 
@@ -111,8 +112,6 @@ def _config_of(model) -> LoraConfig:
 
 
 def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
-    from upcycle import __version__
-
     wrapped = lora_modules(model)
     linears = [n for n, m in wrapped.items() if not isinstance(m, LoraExperts)]
     experts = {n: m for n, m in wrapped.items() if isinstance(m, LoraExperts)}
@@ -161,20 +160,13 @@ def save_adapter(model, out_dir: str, base_path: str | None = None, *, fingerpri
     tensors = adapter_state_dict(model)
     os.makedirs(out_dir, exist_ok=True)
     # Each file written aside and renamed: an interrupted save leaves the old adapter whole.
-    tmp = os.path.join(out_dir, f".{WEIGHTS_NAME}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, WEIGHTS_NAME))
-    tmp = os.path.join(out_dir, f".{CONFIG_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, CONFIG_NAME))
+    with atomic_path(os.path.join(out_dir, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json(os.path.join(out_dir, CONFIG_NAME), config)
     return out_dir
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
-    from upcycle.checkpoint import read_json_object
-
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.isfile(path):
         raise UpcycleError(f"{adapter_dir} is not an adapter directory (no {CONFIG_NAME})")

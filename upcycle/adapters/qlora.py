@@ -1,15 +1,15 @@
 """Frozen 4-bit (NF4) bases for QLoRA: quantised attention Linears and quantised stacked experts.
 
-    report = quantize_model(model)            # q/k/v/o Linears + every StackedExperts, in place
+    report = quantize_model(model)            # q/k/v/o Linears + every experts module, in place
     print(report["bytes_before"], report["bytes_after"], report["shared_base_saving_bytes"])
 
 * ``NF4Linear``: drop-in for a frozen ``nn.Linear`` (no ``weight`` attribute: ``dequantized_weight()``); forward dequantises the weight to the
   compute dtype (bf16 on CUDA, fp32 elsewhere) and runs ``F.linear``. Backward dequantises
   again instead of saving the dense weight (bitsandbytes' ``MatMul4Bit`` trade: a second
   dequantisation for not keeping every layer's dense weight alive until backward).
-* ``NF4StackedExperts``: a ``StackedExperts`` whose ``gate_up_proj`` / ``up_proj`` and
+* ``NF4StackedExperts``: an experts storage whose ``gate_up_proj`` / ``up_proj`` and
   ``down_proj`` are NF4. Per forward the whole stacked weight is dequantised to the compute
-  dtype and the unchanged ``loop`` / ``grouped_mm`` / ``triton`` math runs on it. Memory
+  dtype and the one experts forward (``loop`` / ``grouped_mm`` / ``triton``) runs on it. Memory
   trade-off: the dense copy exists only during the layer's forward (one layer's dense experts
   at a time, ``E * (M + D) * F`` elements), and in training the experts forward is
   checkpointed, so the copy is rebuilt in backward instead of being kept for it (one extra
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from transformers.activations import ACT2FN
 
 from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from upcycle.errors import UpcycleError
-from upcycle.moe.experts import DerivedExpertWeights, StackedExperts, resolve_backend
+from upcycle.moe.compute import ExpertWeights, LowRank
+from upcycle.moe.experts import DerivedExpertWeights, ExpertsBase
 
 __all__ = ["DEFAULT_TARGETS", "NF4Linear", "NF4StackedExperts", "default_compute_dtype", "experts_identical",
            "quantize_model"]
@@ -148,12 +148,13 @@ class NF4Linear(_NF4Storage):
                 f"blocksize={q.blocksize}, double_quant={q.double_quant}, bits_per_param={q.bits_per_param:.3f}")
 
 
-class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
-    """Frozen NF4 ``StackedExperts`` (same forward signature and math; see the module docstring).
+class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, ExpertsBase):
+    """Frozen NF4 experts (same forward signature and math; see the module docstring).
 
     ``shared_base``: one [M, D] / [D, F] quantised weight for all E experts (they were equal).
-    ``w_in_EMD`` / ``down_proj`` read outside ``dequantized()`` return fresh dequantised
-    tensors: writing into them changes nothing (``is_quantized`` tells adapters not to merge).
+    ``expert_weights()`` (and the checkpoint-name views) read outside ``dequantized()`` return
+    fresh dequantised tensors: writing into them changes nothing (``is_quantized`` tells
+    adapters not to merge).
     """
 
     is_quantized = True
@@ -162,35 +163,31 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
                  bias: bool = False, backend: str = "auto", blocksize: int = 64, double_quant: bool = True,
                  shared_base: bool = False, compute_dtype: torch.dtype | None = None,
                  dtype: torch.dtype = torch.float32, device=None):
-        nn.Module.__init__(self)  # not StackedExperts.__init__: it would allocate the dense weights
-        if activation not in ACT2FN:
-            raise UpcycleError(f"unknown activation {activation!r}; transformers knows: {', '.join(sorted(ACT2FN))}")
-        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
-        self.gated, self.activation, self.has_bias = gated, activation, bias
-        self.act_fn = ACT2FN[activation]
+        super().__init__()
+        self._init_shape(num_experts, hidden_size, ffn_size, gated=gated, activation=activation, bias=bias)
         self.shared_base, self.compute_dtype = shared_base, compute_dtype
         self._nf4_info: dict = {}
-        self._dense: tuple[Tensor, Tensor] | None = None
-        self._up_name = "gate_up_proj" if gated else "up_proj"
-        E, M, Fn, D = num_experts, (2 if gated else 1) * ffn_size, ffn_size, hidden_size
+        self._dense: ExpertWeights | None = None
+        E, M, Fn, D = num_experts, self.in_rows, ffn_size, hidden_size
         lead = () if shared_base else (E,)
-        for name, shape in ((self._up_name, (*lead, M, D)), ("down_proj", (*lead, D, Fn))):
+        for name, shape in ((self.up_name, (*lead, M, D)), ("down_proj", (*lead, D, Fn))):
             self._register_nf4(name, NF4Tensor.empty(shape, dtype, blocksize=blocksize, double_quant=double_quant,
                                                      device=device))
         if bias:
-            # Written into _parameters directly: the class's bias properties (compute-dtype casts)
+            # Written into _parameters directly: the class's bias properties (compute-dtype views)
             # would make register_parameter refuse the names, which are the checkpoint's.
-            self._parameters[f"{self._up_name}_bias"] = nn.Parameter(
+            self._parameters[f"{self.up_name}_bias"] = nn.Parameter(
                 torch.zeros(E, M, dtype=dtype, device=device), requires_grad=False)
             self._parameters["down_proj_bias"] = nn.Parameter(torch.zeros(E, D, dtype=dtype, device=device),
                                                               requires_grad=False)
         self.backend = backend
 
     @classmethod
-    def from_experts(cls, experts: StackedExperts, *, blocksize: int = 64, double_quant: bool = True,
+    def from_experts(cls, experts: ExpertsBase, *, blocksize: int = 64, double_quant: bool = True,
                      shared_base: bool | str = "auto", compute_dtype: torch.dtype | None = None) -> NF4StackedExperts:
         """Quantise ``experts``; ``shared_base`` True / False / ``"auto"`` (shared iff all experts are equal)."""
-        w_in, w_down = experts.w_in_EMD.detach(), experts.down_proj.detach()
+        w = experts.expert_weights()
+        w_in, w_down = w.w_in_EMD.detach(), w.w_down_EDF.detach()
         identical = experts_identical(experts)
         if shared_base == "auto":
             shared_base = identical
@@ -204,23 +201,26 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
                 double_quant=double_quant, shared_base=shared_base, compute_dtype=compute_dtype, dtype=w_down.dtype,
                 device="meta")
         m._nf4_info = {}
-        for name, w in ((m._up_name, w_in), ("down_proj", w_down)):
-            m._register_nf4(name, quantize_nf4(w[0] if shared_base else w, blocksize, double_quant))
+        for name, t in ((m.up_name, w_in), ("down_proj", w_down)):
+            m._register_nf4(name, quantize_nf4(t[0] if shared_base else t, blocksize, double_quant))
         if experts.has_bias:
-            m._parameters[f"{m._up_name}_bias"] = nn.Parameter(experts.b_in_EM.detach().clone(), requires_grad=False)
-            m._parameters["down_proj_bias"] = nn.Parameter(experts.down_proj_bias.detach().clone(),
-                                                           requires_grad=False)
+            m._parameters[f"{m.up_name}_bias"] = nn.Parameter(w.b_in_EM.detach().clone(), requires_grad=False)
+            m._parameters["down_proj_bias"] = nn.Parameter(w.b_down_ED.detach().clone(), requires_grad=False)
         m.backend = experts.backend  # judged again now that the storage is on its real device
         return m
 
-    # ---- what StackedExperts' math reads: dense weights and biases in the compute dtype
+    # ---- what the experts forward reads: dense weights and biases in the compute dtype
     def _compute(self) -> torch.dtype:
-        return self.compute_dtype or default_compute_dtype(self._buffers["down_proj_packed"].device)
+        return self.compute_dtype or default_compute_dtype(self.weight_device)
 
     @property
     def weight_dtype(self) -> torch.dtype:
         """The dtype the experts compute in, read without dequantising anything."""
         return self._compute()
+
+    @property
+    def weight_device(self) -> torch.device:
+        return self._buffers["down_proj_packed"].device
 
     def _dequant(self, name: str, dtype: torch.dtype) -> Tensor:
         w = dequantize_nf4(self.nf4(name), dtype)
@@ -232,72 +232,29 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
             w = w.contiguous()
         return w
 
-    def dense_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """(w_in [E, M, D], down [E, D, F]) dequantised (the ones ``forward`` uses, if inside it)."""
+    def expert_weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """The weights dequantised (inside ``dequantized()`` with no ``dtype``: its one copy)."""
         if self._dense is not None and dtype is None:
             return self._dense
         dtype = dtype or self._compute()
-        return self._dequant(self._up_name, dtype), self._dequant("down_proj", dtype)
+        bias = [self._parameters[n].to(dtype) if self.has_bias else None
+                for n in (f"{self.up_name}_bias", "down_proj_bias")]
+        return ExpertWeights(self._dequant(self.up_name, dtype), self._dequant("down_proj", dtype), *bias)
 
-    @property
-    def w_in_EMD(self) -> Tensor:
-        return self.dense_weights()[0]
-
-    @property
-    def down_proj(self) -> Tensor:
-        return self.dense_weights()[1]
-
-
-    def _bias(self, name: str) -> Tensor:
-        if name not in self._parameters:
-            raise AttributeError(f"these experts have no {name}")
-        return self._parameters[name].to(self._dense[0].dtype if self._dense is not None else self._compute())
-
-    @property
-    def b_in_EM(self) -> Tensor | None:
-        return self._bias(f"{self._up_name}_bias") if self.has_bias else None
-
-    @property
-    def gate_up_proj_bias(self) -> Tensor:
-        return self._bias("gate_up_proj_bias")
-
-    @property
-    def up_proj_bias(self) -> Tensor:
-        return self._bias("up_proj_bias")
-
-    @property
-    def down_proj_bias(self) -> Tensor:
-        return self._bias("down_proj_bias")
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        device = self._buffers["down_proj_packed"].device
-        if device.type != "cuda" and torch.cuda.is_available() or device.type == "meta":
-            device = None
-        resolve_backend(name, self._compute(), self.hidden_size, self.ffn_size, device=device,
-                        activation=self.activation)
-        self._backend = name
-
-    def resolved_backend(self) -> str:
-        return resolve_backend(self._backend, self._compute(), self.hidden_size, self.ffn_size,
-                               device=self._buffers["down_proj_packed"].device, activation=self.activation)
-
-    def reset_parameters(self) -> None:
-        """Nothing to initialise: the quantised weights come from ``from_experts`` or a state dict."""
+    def dense_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(w_in [E, M, D], down [E, D, F]) dequantised (the ones ``forward`` uses, if inside it)."""
+        w = self.expert_weights(dtype)
+        return w.w_in_EMD, w.w_down_EDF
 
     @contextmanager
     def dequantized(self, dtype: torch.dtype | None = None):
-        """Inside, ``w_in_EMD`` / ``down_proj`` / the biases are ONE dequantised copy (compute dtype).
+        """Inside, ``expert_weights()`` is ONE dequantised copy (compute dtype).
 
-        Outside, every read of those properties dequantises afresh: code that reads them
-        several times per step (an adapter's forward) should run inside this, or ``run_dense``.
+        Outside, every read dequantises afresh: code that reads the weights several times per
+        step should run inside this, or ``run_dense``.
         """
         outer = self._dense
-        self._dense = outer or self.dense_weights(dtype or self._compute())
+        self._dense = outer or self.expert_weights(dtype or self._compute())
         try:
             yield self._dense
         finally:
@@ -315,21 +272,19 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, StackedExperts):
         return run(*args)
 
     def forward(self, x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, *,
-                expert_major: bool = False) -> Tensor:
-        """As ``StackedExperts.forward``: x [T, D] -> y [T, D] in x's dtype."""
+                expert_major: bool = False, lowrank: LowRank | None = None) -> Tensor:
+        """As ``ExpertsBase.forward``, on weights dequantised once for the call."""
         def run(x, tok, exp, w):
-            return StackedExperts.forward(self, x, tok, exp, w, expert_major=expert_major)
+            return ExpertsBase.forward(self, x, tok, exp, w, expert_major=expert_major, lowrank=lowrank)
         return self.run_dense(run, x_TD, token_idx_A, expert_idx_A, weight_A)
 
     def extra_repr(self) -> str:
         q = self.nf4("down_proj")
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
-                f"gated={self.gated}, activation={self.activation!r}, bias={self.has_bias}, "
-                f"backend={self._backend!r}, blocksize={q.blocksize}, double_quant={q.double_quant}, "
+        return (super().extra_repr() + f", blocksize={q.blocksize}, double_quant={q.double_quant}, "
                 f"shared_base={self.shared_base}")
 
 
-def experts_identical(experts: StackedExperts) -> bool:
+def experts_identical(experts: ExpertsBase) -> bool:
     """True if every expert's weights equal expert 0's exactly (a fresh upcycle)."""
     if isinstance(experts, NF4StackedExperts):
         return experts.shared_base
@@ -372,7 +327,7 @@ def quantize_model(model: nn.Module, *, targets=DEFAULT_TARGETS, experts: bool =
             rep["linear_bytes_before"] += module.weight.nbytes
             rep["linear_bytes_after"] += new.quantized_nbytes
             rep["params_quantized"] += module.weight.numel()
-        elif experts and isinstance(module, StackedExperts) and not isinstance(module, NF4StackedExperts):
+        elif experts and isinstance(module, ExpertsBase) and not isinstance(module, NF4StackedExperts):
             new = NF4StackedExperts.from_experts(module, blocksize=blocksize, double_quant=double_quant,
                                                  shared_base=shared_base, compute_dtype=compute_dtype)
             rep["num_experts_modules"] += 1
@@ -390,7 +345,7 @@ def quantize_model(model: nn.Module, *, targets=DEFAULT_TARGETS, experts: bool =
     if rep["num_linear"] + rep["num_experts_modules"] == 0:
         linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise UpcycleError(f"quantize_model found nothing to quantise: no nn.Linear named {', '.join(targets)} "
-                           f"and no StackedExperts; Linear names here: {', '.join(linears) or 'none'}")
+                           f"and no experts; Linear names here: {', '.join(linears) or 'none'}")
     rep["bytes_before"] = rep["linear_bytes_before"] + rep["experts_bytes_before"]
     rep["bytes_after"] = rep["linear_bytes_after"] + rep["experts_bytes_after"]
     return rep

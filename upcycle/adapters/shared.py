@@ -2,11 +2,10 @@
 
 A fresh upcycle (``expert_noise=0``) has E exact copies of the dense MLP per MoE layer. Under
 LoRA the base is frozen, so the copies stay equal: ``SharedStackedExperts`` keeps ONE
-``w_in`` [M, D] and ``w_down`` [D, F] (+ ``b_in`` [M], ``b_down`` [D]) and exposes the
-``StackedExperts`` attributes (``gate_up_proj`` / ``up_proj``, ``down_proj``, their biases,
-``w_in_EMD``, ``b_in_EM``) as ``expand(E, ...)`` views (stride 0 on the expert dim). The
-``StackedExperts`` forward (loop, grouped_mm, triton) and ``LoraExperts`` run unchanged on
-them; the per-expert LoRA A / B make the experts differ. E times less memory for the base
+``w_in`` [M, D] and ``w_down`` [D, F] (+ ``b_in`` [M], ``b_down`` [D]) and hands the one
+experts forward (loop, grouped_mm, triton; ``upcycle.moe.compute``) ``expand(E, ...)`` views
+of them (stride 0 on the expert dim), also under the checkpoint names (``gate_up_proj`` /
+``up_proj``, ``down_proj``, their biases); the per-expert LoRA A / B make the experts differ. E times less memory for the base
 weights of each upcycled layer.
 
     shared = SharedStackedExperts.from_experts(block.experts)   # UpcycleError unless identical
@@ -17,8 +16,8 @@ Backends and the stride-0 views: the ``loop`` backend (``unbind``) and CPU ``gro
 (forward and backward) take them as they are; the triton kernels take per-expert strides
 (the NF4 shared base already relies on it). An explicit CUDA ``grouped_mm`` backend gets
 contiguous copies (as ``NF4StackedExperts`` does; its stride-0 support is not relied on): one
-layer's [E, M, D] per forward there, kept for backward. Not checked on a GPU yet: ``LoraExperts``
-with the CUDA ``triton``/``auto`` backend runs its grouped_mm path on the stride-0 views
+layer's [E, M, D] per forward there, kept for backward. Not checked on a GPU yet: LoRA with the
+CUDA ``triton``/``auto`` backend runs the grouped_mm path on the stride-0 views
 (torch checks only the last two strides, and takes the batch stride from the tensor).
 
 Merging: ``merge_lora`` / ``merge_and_unload`` un-share first (``unshare_experts``: each
@@ -42,17 +41,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.activations import ACT2FN
 
 from upcycle.adapters.qlora import NF4StackedExperts, experts_identical
 from upcycle.errors import UpcycleError
-from upcycle.moe.experts import DerivedExpertWeights, StackedExperts
+from upcycle.moe.compute import ExpertWeights
+from upcycle.moe.experts import DerivedExpertWeights, ExpertsBase, StackedExperts
 
 __all__ = ["SharedStackedExperts", "share_experts", "shared_base_report", "unshare_experts"]
 
 
-class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
-    """``StackedExperts`` whose E experts are one frozen weight (see the module docstring).
+class SharedStackedExperts(DerivedExpertWeights, ExpertsBase):
+    """Experts whose E members are one frozen weight (see the module docstring).
 
     Own parameters: ``w_in`` [M, D], ``w_down`` [D, F], with bias ``b_in`` [M], ``b_down`` [D].
     """
@@ -61,14 +60,9 @@ class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, gated: bool, activation: str,
                  bias: bool = False, backend: str = "auto", dtype: torch.dtype | None = None, device=None):
-        nn.Module.__init__(self)  # not StackedExperts.__init__: it would allocate E copies
-        if activation not in ACT2FN:
-            raise UpcycleError(f"unknown activation {activation!r}; transformers knows: {', '.join(sorted(ACT2FN))}")
-        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
-        self.gated, self.activation, self.has_bias = gated, activation, bias
-        self.act_fn = ACT2FN[activation]
-        self._up_name = "gate_up_proj" if gated else "up_proj"
-        M = 2 * ffn_size if gated else ffn_size
+        super().__init__()
+        self._init_shape(num_experts, hidden_size, ffn_size, gated=gated, activation=activation, bias=bias)
+        M = self.in_rows
         kw = dict(dtype=dtype, device=device)
         self.w_in = nn.Parameter(torch.zeros(M, hidden_size, **kw), requires_grad=False)
         self.w_down = nn.Parameter(torch.zeros(hidden_size, ffn_size, **kw), requires_grad=False)
@@ -116,13 +110,12 @@ class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
         with torch.no_grad():
             for ckpt, own in _own_keys(self).items():
                 t = getattr(self, own)
-                m.register_parameter(ckpt, nn.Parameter(t.unsqueeze(0).expand(self.num_experts, *t.shape).clone(
-                    memory_format=torch.contiguous_format),
-                                                        requires_grad=False))
+                copies = t.unsqueeze(0).expand(self.num_experts, *t.shape).clone(memory_format=torch.contiguous_format)
+                m.register_parameter(ckpt, nn.Parameter(copies, requires_grad=False))
         m.backend = self._backend
         return m
 
-    # ---- the StackedExperts attributes, as zero-copy [E, ...] views
+    # ---- the weights, as zero-copy [E, ...] views
     def _view(self, t: Tensor) -> Tensor:
         if t.requires_grad and torch.is_grad_enabled():
             raise UpcycleError("a shared expert base is frozen (training it would tie every expert's update): "
@@ -132,61 +125,23 @@ class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
             v = v.contiguous()  # CUDA grouped_mm: stride-0 expert dim not relied on (see the module docstring)
         return v
 
-    @property
-    def w_in_EMD(self) -> Tensor:
-        return self._view(self.w_in)
-
-
-    @property
-    def down_proj(self) -> Tensor:
-        return self._view(self.w_down)
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self._view(self.w_in), self._view(self.w_down),
+                             self._view(self.b_in) if self.has_bias else None,
+                             self._view(self.b_down) if self.has_bias else None)
 
     @property
-    def b_in_EM(self) -> Tensor | None:
-        return self._view(self.b_in) if self.has_bias else None
+    def weight_dtype(self) -> torch.dtype:
+        return self.w_down.dtype
 
     @property
-    def gate_up_proj_bias(self) -> Tensor:
-        if not (self.has_bias and self.gated):
-            raise AttributeError("these experts have no gate_up_proj_bias")
-        return self.b_in_EM
-
-    @property
-    def up_proj_bias(self) -> Tensor:
-        if not self.has_bias or self.gated:
-            raise AttributeError("these experts have no up_proj_bias")
-        return self.b_in_EM
-
-    @property
-    def down_proj_bias(self) -> Tensor:
-        if not self.has_bias:
-            raise AttributeError("these experts have no down_proj_bias")
-        return self._view(self.b_down)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if self.w_down.device.type == "meta":  # from_experts sets it again once the weights are real
-            self._backend = name
-            return
-        StackedExperts.backend.fset(self, name)
-
-    def resolved_backend(self) -> str:
-        from upcycle.moe.experts import resolve_backend
-
-        return resolve_backend(self._backend, self.w_down.dtype, self.hidden_size, self.ffn_size,
-                               device=self.w_down.device, activation=self.activation)
-
-    def reset_parameters(self) -> None:
-        """Nothing to initialise: the shared weights come from ``from_experts`` or a state dict."""
+    def weight_device(self) -> torch.device:
+        return self.w_down.device
 
     @property
     def base_nbytes(self) -> int:
         """Bytes of the stored base weights (and biases)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters(recurse=False))
+        return sum(p.nbytes for p in self.parameters(recurse=False))
 
     @property
     def unshared_nbytes(self) -> int:
@@ -199,9 +154,9 @@ class SharedStackedExperts(DerivedExpertWeights, StackedExperts):
 
 def _own_keys(m: SharedStackedExperts) -> dict[str, str]:
     """Checkpoint key -> own parameter name."""
-    keys = {m._up_name: "w_in", "down_proj": "w_down"}
+    keys = {m.up_name: "w_in", "down_proj": "w_down"}
     if m.has_bias:
-        keys.update({f"{m._up_name}_bias": "b_in", "down_proj_bias": "b_down"})
+        keys.update({f"{m.up_name}_bias": "b_in", "down_proj_bias": "b_down"})
     return keys
 
 

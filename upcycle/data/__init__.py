@@ -13,7 +13,7 @@ from .build import build_datasets
 from .chat import encode_chat, encode_chats
 from .config import CurateConfig, DataConfig
 from .curate import curate
-from .sources import BUILTINS, HELDOUT_PLAYS, load_chat_pool, load_text, play_of, shakespeare_files
+from .corpora import BUILTINS, HELDOUT_PLAYS, load_chat_pool, load_text, play_of, shakespeare_files
 from .text import IGNORE_INDEX, collate, pack_documents
 
 __all__ = [

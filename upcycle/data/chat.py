@@ -15,7 +15,7 @@ from __future__ import annotations
 from datasets import Dataset
 
 from upcycle.errors import UpcycleError
-from upcycle.sources import _one_line
+from upcycle.io import one_line
 
 from .text import IGNORE_INDEX
 
@@ -25,7 +25,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raises for e.g. roles that do not alternate
         raise UpcycleError(
-            f"the chat template failed on a conversation: {type(exc).__name__}: {_one_line(exc)}") from None
+            f"the chat template failed on a conversation: {type(exc).__name__}: {one_line(exc)}") from None
 
 
 def _tokens(tokenizer, text: str) -> list[int]:

@@ -1,17 +1,22 @@
-"""The MoE block: a drop-in replacement for a Hugging Face decoder layer's MLP.
+"""The MoE block (a drop-in for a decoder layer's MLP) and helpers over every block of a model.
 
 ``MoEBlock(hidden_states_BSD) -> [B, S, D]``, same dtype, like the dense MLP it replaces.
 Submodule names are the checkpoint contract: ``mlp.router.weight`` [E, D] and
 ``mlp.experts.gate_up_proj`` / ``up_proj`` / ``down_proj`` (see ``experts.py``).
 
-Per forward it leaves behind ``aux_loss`` (weighted balancing + z-loss, training only) and
+Per forward it leaves behind ``aux_loss`` (the scheme's auxiliary losses, training only) and
 ``last_stats`` (a ``RoutingStats``, computed from detached tensors only when read, so
 recording costs no device sync).
+
+Padding: a block routes only the real tokens of a batch. The model's forward hands each
+block the attention mask of the current call (``token_mask``, set by the hook that
+``use_attention_mask`` installs on the decoder; it is an attribute of this model's blocks,
+not a global). It stays set after the forward, because activation checkpointing runs the
+blocks again during backward and must route exactly as the forward did.
 
 Shape legend:
     B  batch            S  sequence length      T  tokens (B * S)
     D  hidden size      F  expert FFN size       E  experts
-    K  experts per token (top-K)                 A  assignments (token, expert) pairs
 """
 
 from __future__ import annotations
@@ -24,27 +29,15 @@ from torch import Tensor, nn
 
 from upcycle.config import MoEConfig
 from upcycle.errors import UpcycleError
+from upcycle.moe.backends import check_backend_name
 from upcycle.moe.experts import StackedExperts
-from upcycle.moe.router import (
-    SEQUENCE_EC_WARNING,
-    Routing,
-    load_balancing_loss,
-    route_expert_choice,
-    route_topk,
-    z_loss,
-)
+from upcycle.moe.routing import Routing
+from upcycle.moe.schemes import routing_scheme
 from upcycle.moe.stats import RoutingStats, summarize_routing
 
 
 class MoEBlock(nn.Module):
-    """Router + stacked experts, routed as ``cfg`` says.
-
-    Top-K capacity (``cfg.topk_capacity_factor``) applies only while training, with the
-    whole batch as one routing group: which assignments get dropped depends on other tokens,
-    including later ones, so applying it at inference would make outputs depend on the
-    future and differ between a full forward pass and cached decoding. Evaluation and
-    generation are dropless.
-    """
+    """Router + stacked experts, routed by the scheme ``cfg.routing`` names."""
 
     def __init__(
         self,
@@ -62,15 +55,18 @@ class MoEBlock(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.scheme = routing_scheme(cfg)
         self.hidden_size, self.ffn_size = hidden_size, ffn_size
         self.router = nn.Linear(hidden_size, cfg.num_experts, bias=False, dtype=dtype, device=device)
         self.experts = StackedExperts(
             cfg.num_experts, hidden_size, ffn_size, gated=gated, activation=activation, bias=bias,
             backend=backend, dtype=dtype, device=device,
         )
-        if cfg.routing == "expert-choice" and cfg.ec_group == "sequence":
-            warnings.warn(SEQUENCE_EC_WARNING, stacklevel=2)
+        for message in self.scheme.build_warnings():
+            warnings.warn(message, stacklevel=2)
         self.record_stats = True
+        self.token_mask: Tensor | None = None
+        """bool [B, S] of the current forward (True = real token); None: every token is real."""
         self.aux_loss: Tensor | None = None
         self._stats_summary: dict[str, Tensor] | None = None
         self._last_stats: RoutingStats | None = None
@@ -87,28 +83,35 @@ class MoEBlock(nn.Module):
         return self._last_stats
 
     def extra_repr(self) -> str:
-        c = self.cfg
-        how = (f"top_k={c.top_k}, capacity_factor={c.topk_capacity_factor}" if c.routing == "topk"
-               else f"capacity={c.capacity}, ec_group={c.ec_group!r}")
-        return f"routing={c.routing!r}, num_experts={c.num_experts}, {how}"
+        return f"{self.scheme!r}, num_experts={self.cfg.num_experts}"
 
-    def route(self, x_BSD: Tensor) -> Routing:
-        """Routing for a [B, S, D] input (router in float32 whatever the model dtype)."""
-        cfg = self.cfg
+    def router_logits(self, x_BSD: Tensor) -> Tensor:
+        """float32 [B, S, E] router logits of a [B, S, D] input."""
         if type(self.router) is nn.Linear:
             # Route in float32 whatever the model dtype: near-ties between experts decide top-K.
-            logits_BSE = F.linear(x_BSD.float(), self.router.weight.float())
-        else:
-            # Wrapped by PEFT or a quantiser: its own forward must run for the wrapper to count.
-            logits_BSE = self.router(x_BSD).float()
-        if cfg.routing == "topk":
-            capacity = cfg.topk_capacity_factor if self.training else None
-            return route_topk(logits_BSE.flatten(0, 1), cfg.top_k, normalize=cfg.normalize_topk,
-                              capacity_factor=capacity)
-        return route_expert_choice(logits_BSE, cfg.capacity, group=cfg.ec_group)
+            return F.linear(x_BSD.float(), self.router.weight.float())
+        # Wrapped by PEFT or a quantiser: its own forward must run for the wrapper to count.
+        return self.router(x_BSD).float()
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """hidden_states [B, S, D] (or [S, D], taken as one sequence) -> [B, S, D], same dtype."""
+    def _mask_for(self, x_BSD: Tensor, token_mask: Tensor | None) -> Tensor | None:
+        mask = token_mask if token_mask is not None else self.token_mask
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(x_BSD.shape[:2]):
+            raise UpcycleError(f"MoEBlock got a token mask of shape {tuple(mask.shape)} for hidden states of shape "
+                               f"{tuple(x_BSD.shape)}: expected [batch, seq] = {tuple(x_BSD.shape[:2])}")
+        return mask.to(device=x_BSD.device, dtype=torch.bool)
+
+    def route(self, x_BSD: Tensor, token_mask: Tensor | None = None) -> Routing:
+        """Routing for a [B, S, D] input; ``token_mask`` bool [B, S] (default: the model's, if any)."""
+        return self.scheme.route(self.router_logits(x_BSD), self._mask_for(x_BSD, token_mask), self.training)
+
+    def forward(self, hidden_states: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        """hidden_states [B, S, D] (or [S, D], taken as one sequence) -> [B, S, D], same dtype.
+
+        ``token_mask`` bool [B, S]: False marks a pad, which gets no expert (output 0) and
+        counts in no loss or statistic. Default: the mask the model's forward handed over.
+        """
         shape = hidden_states.shape
         if hidden_states.dim() < 2 or shape[-1] != self.hidden_size:
             raise UpcycleError(
@@ -116,20 +119,76 @@ class MoEBlock(nn.Module):
             )
         # Extra leading dims fold into the batch; a 2-D input is a single sequence.
         x_BSD = hidden_states.reshape(-1, *shape[-2:])
-        r = self.route(x_BSD)
-        # Expert choice returns assignments grouped by expert, the same count each: the
-        # triton backend then needs no sort.
+        r = self.route(x_BSD, token_mask)
         y_TD = self.experts(x_BSD.reshape(-1, self.hidden_size), r.token_idx_A, r.expert_idx_A, r.weight_A,
-                            expert_major=self.cfg.routing == "expert-choice")
-        self.aux_loss = self._aux_loss(r) if self.training else None
+                            expert_major=self.scheme.expert_major)
+        self.aux_loss = self.scheme.aux_loss(r) if self.training else None
         self._last_stats = None
         self._stats_summary = summarize_routing(r) if self.record_stats else None
         return y_TD.view(shape)
 
-    def _aux_loss(self, r: Routing) -> Tensor:
-        cfg = self.cfg
-        loss = cfg.z_loss_weight * z_loss(r.logits_TE)
-        if r.topk_idx_TK is not None:  # expert choice is balanced by construction
-            loss = loss + cfg.aux_loss_weight * load_balancing_loss(r.probs_TE, r.topk_idx_TK, cfg.num_experts,
-                                                                    cfg.top_k)
-        return loss
+
+# ---------------------------------------------------------------- over every block of a model
+
+
+def moe_blocks(model: nn.Module) -> dict[str, MoEBlock]:
+    """Every ``MoEBlock`` in ``model``, by qualified module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoEBlock)}
+
+
+def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
+    """The latest forward's ``RoutingStats`` of every MoE block that recorded some."""
+    out = {}
+    for name, block in moe_blocks(model).items():
+        stats = block.last_stats
+        if stats is not None:
+            out[name] = stats
+    return out
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of the MoE blocks' auxiliary losses from the latest training forward; None if none."""
+    losses = [b.aux_loss for b in moe_blocks(model).values() if b.aux_loss is not None]
+    if not losses:
+        return None
+    device = losses[0].device  # blocks may sit on different devices (pipeline parallel)
+    return torch.stack([loss.float().to(device) for loss in losses]).sum()
+
+
+def set_experts_backend(model: nn.Module, name: str) -> None:
+    """Use experts backend ``name`` in every MoE block of ``model``."""
+    check_backend_name(name)
+    for block in moe_blocks(model).values():
+        block.set_backend(name)
+
+
+def use_attention_mask(decoder: nn.Module) -> None:
+    """Make ``decoder``'s forward hand its 2-D attention mask to every MoE block inside it.
+
+    ``decoder``: the module whose forward takes ``attention_mask`` and ``input_ids`` /
+    ``inputs_embeds`` (e.g. a ``LlamaModel``). With a KV cache the mask covers past and
+    current tokens; the blocks get the current ones (its last S columns). A batch without
+    padding (no mask, or all ones) is routed exactly as before (mask None).
+    """
+    import inspect
+
+    params = list(inspect.signature(decoder.forward).parameters)
+
+    def argument(name: str, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = params.index(name) if name in params else len(args)
+        return args[i] if i < len(args) else None
+
+    def hand_over(module: nn.Module, args, kwargs) -> None:
+        mask = argument("attention_mask", args, kwargs)
+        token_mask = None
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            ids, embeds = argument("input_ids", args, kwargs), argument("inputs_embeds", args, kwargs)
+            S = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else mask.shape[1]
+            current = mask[:, -S:].bool()
+            token_mask = None if bool(current.all()) else current
+        for block in moe_blocks(module).values():
+            block.token_mask = token_mask
+
+    decoder.register_forward_pre_hook(hand_over, with_kwargs=True)

@@ -1,4 +1,4 @@
-"""Routing statistics and model-wide helpers over every ``MoEBlock`` in a model.
+"""Routing statistics: how one MoE layer routed the tokens of a forward pass (real tokens only).
 
 ``summarize_routing`` reduces a ``Routing`` to a few detached device tensors (no sync);
 ``RoutingStats.from_summary`` turns them into Python numbers when someone reads them.
@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from upcycle.errors import UpcycleError
-from upcycle.moe.router import Routing, z_loss
-
-if TYPE_CHECKING:
-    from upcycle.moe.block import MoEBlock
+from upcycle.moe.routing import Routing, z_loss
 
 
 @dataclass
@@ -30,7 +25,7 @@ class RoutingStats:
     tokens_per_expert: list[int]
     """Assignments each expert received (after capacity drops); sums to ``num_assignments``."""
     num_tokens: int
-    """Tokens routed (B * S)."""
+    """Tokens routed: the real (unpadded) tokens of the batch."""
     num_assignments: int
     """(token, expert) pairs that reached an expert."""
     dropped_fraction: float
@@ -102,39 +97,3 @@ def summarize_routing(routing: Routing) -> dict[str, Tensor | int]:
         "entropy": probs_entropy(routing.probs_TE.detach()),
         "z": z_loss(routing.logits_TE.detach()),
     }
-
-
-def moe_blocks(model: nn.Module) -> dict[str, "MoEBlock"]:
-    """Every ``MoEBlock`` in ``model``, by qualified module name, in module order."""
-    from upcycle.moe.block import MoEBlock
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, MoEBlock)}
-
-
-def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
-    """The latest forward's ``RoutingStats`` of every MoE block that recorded some."""
-    out = {}
-    for name, block in moe_blocks(model).items():
-        stats = block.last_stats
-        if stats is not None:
-            out[name] = stats
-    return out
-
-
-def aux_loss(model: nn.Module) -> Tensor | None:
-    """Sum of the MoE blocks' auxiliary losses from the latest training forward; None if none."""
-    losses = [b.aux_loss for b in moe_blocks(model).values() if b.aux_loss is not None]
-    if not losses:
-        return None
-    device = losses[0].device  # blocks may sit on different devices (pipeline parallel)
-    return torch.stack([loss.float().to(device) for loss in losses]).sum()
-
-
-def set_experts_backend(model: nn.Module, name: str) -> None:
-    """Use experts backend ``name`` in every MoE block of ``model``."""
-    from upcycle.moe.experts import EXPERT_BACKENDS
-
-    if name not in EXPERT_BACKENDS:
-        raise UpcycleError(f"unknown experts backend {name!r}; valid: {', '.join(EXPERT_BACKENDS)}")
-    for block in moe_blocks(model).values():
-        block.set_backend(name)

@@ -20,21 +20,23 @@ import resource
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from upcycle import __version__
 from upcycle.config import ConvertConfig
 from upcycle.errors import UpcycleError
-from upcycle.sources import Source, open_source
+from upcycle.io import atomic_dir, remove_stale
+from upcycle.models.base import Source
+from upcycle.models.sources import open_source
+from upcycle.moe.schemes import routing_scheme
 from upcycle.surgery.arch import ArchSpec, arch_for
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
+from upcycle.version import __version__
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TMP_MARK = ".upcycle-tmp-"
-OLD_MARK = ".upcycle-old-"
 
 
 @dataclass
@@ -281,7 +283,7 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     _validate(cfg)
     target = os.path.abspath(cfg.out)
     if os.path.isdir(os.path.dirname(target)):  # before the checks: a killed run may have moved `out` aside
-        _remove_stale_tmp(os.path.dirname(target), os.path.basename(target))
+        remove_stale(os.path.dirname(target), os.path.basename(target))
     out, parent = _check_out(cfg)
     t0 = time.perf_counter()
     with open_source(cfg.model) as src:
@@ -294,15 +296,8 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
         layer_ids = resolve_layer_ids(cfg, spec.num_layers(src.config))
         dtype = DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype
         plan = _Plan(src, spec, layer_ids, cfg, dtype)
-        if cfg.moe.routing == "topk" and cfg.moe.top_k == 1 and cfg.moe.normalize_topk:
-            import warnings
-            warnings.warn("top-1 routing with renormalised weights gives every token weight 1: the router gets "
-                          "no gradient from the language-model loss (only from the auxiliary losses); "
-                          "pass --no-normalize to train it through the output", stacklevel=2)
-        if cfg.moe.routing == "expert-choice" and cfg.moe.ec_group == "sequence":
-            from upcycle.moe.router import SEQUENCE_EC_WARNING
-            import warnings
-            warnings.warn(SEQUENCE_EC_WARNING, stacklevel=2)
+        for message in routing_scheme(cfg.moe).convert_warnings():
+            warnings.warn(message, stacklevel=2)
         shards = plan_shards([o for o, _ in plan.outputs], cfg.max_shard_size)
         total = sum(o.nbytes for o, _ in plan.outputs)
         free = shutil.disk_usage(_existing_ancestor(parent)).free
@@ -311,74 +306,30 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
                 f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
             )
         section = _upcycle_section(src, spec, cfg, layer_ids, plan)
-        tmp = os.path.join(parent, f".{os.path.basename(out)}{TMP_MARK}{os.getpid()}")
         recipes = dict((o.name, r) for o, r in plan.outputs)
         old_handler = signal.getsignal(signal.SIGTERM)
         # SIGTERM cleans up like Ctrl-C; kill -9 cannot, which is why config.json comes last.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        os.makedirs(parent, exist_ok=True)
         try:
-            os.makedirs(tmp)
-            names = shard_file_names(len(shards))
-            cache: dict = {}
-            with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not cfg.progress) as bar:
-                for specs, fname in zip(shards, names):
-                    writer = ShardWriter(os.path.join(tmp, fname), specs)
-                    try:
-                        for o in specs:
-                            _produce(src, plan, o, recipes[o.name], cache,
-                                     lambda n, part: bar.update(writer.write(n, part)))
-                    except BaseException:
-                        writer.abort()
-                        raise
-                    writer.close()
-            write_index(tmp, shards, names)
-            src.save_tokenizer(tmp)
-            src.generation_config().save_pretrained(tmp)
-            _write_config(src, tmp, section, dtype)
-            _move_into_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+                names = shard_file_names(len(shards))
+                cache: dict = {}
+                with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not cfg.progress) as bar:
+                    for specs, fname in zip(shards, names):
+                        writer = ShardWriter(os.path.join(tmp, fname), specs)
+                        try:
+                            for o in specs:
+                                _produce(src, plan, o, recipes[o.name], cache,
+                                         lambda n, part: bar.update(writer.write(n, part)))
+                        except BaseException:
+                            writer.abort()
+                            raise
+                        writer.close()
+                write_index(tmp, shards, names)
+                src.save_tokenizer(tmp)
+                src.generation_config().save_pretrained(tmp)
+                _write_config(src, tmp, section, dtype)
         finally:
             signal.signal(signal.SIGTERM, old_handler)
     return ConvertResult(out=cfg.out, layer_ids=layer_ids, num_experts=cfg.moe.num_experts, bytes_written=total,
                          seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
-
-
-def _remove_stale_tmp(parent: str, name: str) -> None:
-    """Clean up after conversions to the same ``out`` that were killed: remove their
-    temporary directories, and put back a replaced checkpoint if the kill came between
-    moving it aside and moving the new one in."""
-    for mark in (TMP_MARK, OLD_MARK):
-        prefix = f".{name}{mark}"
-        for entry in os.listdir(parent):
-            pid = entry[len(prefix):]
-            if not (entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid))):
-                continue
-            path = os.path.join(parent, entry)
-            if mark == OLD_MARK and not os.path.exists(os.path.join(parent, name)):
-                os.rename(path, os.path.join(parent, name))
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_into_place(tmp: str, out: str) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is removed only after the new one is in place."""
-    if not os.path.exists(out):
-        os.rename(tmp, out)
-        return
-    old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}{OLD_MARK}{os.getpid()}")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
 import torch
-from safetensors.torch import _TYPES
 
-_DTYPE_NAMES = {v: k for k, v in _TYPES.items()}
+from upcycle.io import SAFETENSORS_DTYPES
+
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)

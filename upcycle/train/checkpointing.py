@@ -7,8 +7,8 @@
                                    optimizer.pt: AdamW's state (newest checkpoint only)
     out/checkpoints/last -> step-000200
 
-Written to a temporary directory and renamed when complete, so a kill mid-save leaves the
-previous checkpoints whole; the oldest are deleted beyond ``keep_last``.
+Written to a temporary directory and renamed when complete (``upcycle.io.atomic_dir``), so a
+kill mid-save leaves the previous checkpoints whole; the oldest are deleted beyond ``keep_last``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from upcycle.adapters.peft_io import read_adapter_config, save_adapter
 from upcycle.errors import UpcycleError
+from upcycle.io import atomic_dir, remove_stale
+from upcycle.train.distributed import unwrap
 
 STATE_NAME = "trainer_state.pt"
 OPTIM_NAME = "optimizer.pt"  # only the newest checkpoint keeps it: older ones are weights for selection
@@ -69,9 +72,10 @@ def drop_after(out: str, step: int) -> None:
 
 
 def remove_partial(out: str) -> None:
-    """Delete checkpoint directories a killed save left half-written."""
-    for path in glob.glob(os.path.join(out, "checkpoints", "step-*.tmp-*")):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete checkpoint directories a killed save left half-written (and put back one it had moved aside)."""
+    folder = os.path.join(out, "checkpoints")
+    if os.path.isdir(folder):
+        remove_stale(folder)
 
 
 # Settings that decide which examples step N sees and how: a resume must not change them.
@@ -90,8 +94,6 @@ def check_compatible(state: dict, cfg, path: str) -> None:
 
 def check_adapter_base(path: str, fingerprint: str | None) -> None:
     """An adapter checkpoint resumes only onto the base it was trained on."""
-    from upcycle.adapters import read_adapter_config
-
     want = (read_adapter_config(path).get("upcycle") or {}).get("base_fingerprint")
     if fingerprint and want and want != fingerprint:
         raise UpcycleError(f"cannot resume from {path}: its adapter was trained on a base with fingerprint {want}, "
@@ -101,8 +103,6 @@ def check_adapter_base(path: str, fingerprint: str | None) -> None:
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, adapter: bool,
                     tokenizer, base_path: str, fingerprint: str | None, keep_last: int | None, d) -> str:
     """Write checkpoint ``step`` (a collective call: every process must enter it)."""
-    from upcycle.train.distributed import unwrap
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = None if adapter else get_model_state_dict(model, options=opts)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -110,23 +110,17 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
                             "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None})
     final = os.path.join(out, "checkpoints", f"step-{step:06d}")
     if d.main:
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         inner = unwrap(model)
-        if adapter:
-            from upcycle.adapters import save_adapter
-
-            save_adapter(inner, tmp, base_path=base_path, fingerprint=fingerprint)
-        else:
-            inner.save_pretrained(tmp, state_dict=model_sd)
-        tokenizer.save_pretrained(tmp)
-        torch.save({**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng, "world": d.world},
-                   os.path.join(tmp, STATE_NAME))
-        torch.save(optim_sd, os.path.join(tmp, OPTIM_NAME))
-        if os.path.exists(final):  # the same step saved again (a resumed run): swap it whole
-            os.replace(final, f"{final}.tmp-old")
-        os.replace(tmp, final)
-        shutil.rmtree(f"{final}.tmp-old", ignore_errors=True)
+        # The same step saved again (a resumed run) is swapped whole.
+        with atomic_dir(final, overwrite=True) as tmp:
+            if adapter:
+                save_adapter(inner, tmp, base_path=base_path, fingerprint=fingerprint)
+            else:
+                inner.save_pretrained(tmp, state_dict=model_sd)
+            tokenizer.save_pretrained(tmp)
+            torch.save({**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng, "world": d.world},
+                       os.path.join(tmp, STATE_NAME))
+            torch.save(optim_sd, os.path.join(tmp, OPTIM_NAME))
         _point_last(out, final)
         kept = checkpoint_dirs(out)
         if keep_last is not None:

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from upcycle.adapters.inject import LoraConfig
+from upcycle.adapters.config import LoraConfig
+from upcycle.moe.backends import EXPERT_BACKENDS
 from upcycle.config import from_dict
 from upcycle.data.config import DataConfig
 from upcycle.errors import UpcycleError
@@ -132,8 +133,6 @@ class TrainConfig:
     """Also write TensorBoard events to ``out/tb`` when tensorboard is installed."""
 
     def validate(self) -> None:
-        from upcycle.moe.experts import EXPERT_BACKENDS
-
         if self.seed < 0:
             raise UpcycleError(f"seed must be >= 0, got {self.seed}")
         if self.lora is not None and self.checkpoint == "full":

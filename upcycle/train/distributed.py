@@ -102,9 +102,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
-    from upcycle.train.model import _decoder_layers
+    from upcycle.train.model import decoder_layers
 
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     return model

@@ -7,7 +7,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from upcycle.train.trainer import Trainer, write_json
+from upcycle.io import write_json
 
 
 def _window(saved: dict | None = None) -> dict:
@@ -17,7 +17,8 @@ def _window(saved: dict | None = None) -> dict:
             "t0": time.perf_counter()}
 
 
-def run_loop(t: Trainer, stop) -> dict:
+def run_loop(t, stop) -> dict:
+    """Train ``t`` (a ``Trainer``) to its last step or to a stop; returns the run's summary."""
     cfg, d = t.cfg, t.d
     if d.main:
         _announce(t)
@@ -89,12 +90,12 @@ def run_loop(t: Trainer, stop) -> dict:
     return summary
 
 
-def _log_eval(t: Trainer, bar, ev: dict, epoch: float, tokens: int) -> None:
+def _log_eval(t, bar, ev: dict, epoch: float, tokens: int) -> None:
     t.metrics.write({"type": "eval", "step": t.step, "epoch": round(epoch, 4), "tokens": tokens, **ev})
     bar.write(f"step {t.step}: held-out loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
 
 
-def _announce(t: Trainer) -> None:
+def _announce(t) -> None:
     cfg, rep = t.cfg, t.data_report
     what = "resuming " + t.resume_from if t.resume_from else "training"
     lines = [f"{what}: {cfg.model} -> {cfg.out}",

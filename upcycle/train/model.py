@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UpcycleError
+from upcycle.models.loader import load_model_and_tokenizer
+from upcycle.moe.block import moe_blocks
 from upcycle.train.config import TrainConfig
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
         try:
             layers = model.get_submodule(path)
@@ -40,7 +42,7 @@ def _residual_dropout_hook(p: float):
 def add_residual_dropout(model: nn.Module, p_max: float) -> list[float]:
     """Dropout on each layer's attention and MLP outputs (the residual branches), rising linearly
     from 0 at the first layer to ``p_max`` at the last, as in LIMA. Returns the per-layer rates."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     n = len(layers)
     rates = [p_max * i / (n - 1) if n > 1 else p_max for i in range(n)]
     for layer, p in zip(layers, rates):
@@ -59,9 +61,6 @@ def build_model(cfg: TrainConfig, device: torch.device, source: str | None = Non
     ``source`` replaces ``cfg.model`` as the weights to load (a full checkpoint being resumed);
     an adapter checkpoint is loaded onto ``cfg.model`` by the caller.
     """
-    from upcycle.inference import load_model_and_tokenizer
-    from upcycle.moe import moe_blocks
-
     path = source or cfg.model
     if not os.path.exists(path) and path.startswith(("runs/", "./", "/")):
         raise UpcycleError(f"model not found: {path} (convert one first: upcycle convert --layers 6 --experts 32)")

@@ -20,7 +20,8 @@ import warnings
 import torch
 from torch import nn
 
-from upcycle.moe.stats import moe_blocks
+from upcycle.io import atomic_path
+from upcycle.moe.block import moe_blocks
 
 # Per layer and window: tokens-per-expert counts, then token-weighted sums of the fractions.
 _EXTRA = ("num_tokens", "dropped", "unrouted", "router_entropy", "z")
@@ -119,10 +120,8 @@ class MetricsWriter:
                     continue
                 if row.get("type") == "meta" or row.get("step", 0) <= step:
                     keep.append(json.dumps(row) + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(keep)
-        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -28,9 +27,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
+from upcycle.io import write_text
+from upcycle.moe.block import aux_loss
 from upcycle.train import checkpointing as ckpt
 from upcycle.train import distributed
 from upcycle.train.config import TrainConfig, to_yaml
+from upcycle.train.loop import run_loop
+from upcycle.train.model import build_model
 from upcycle.train.optim import build_optimizer, build_scheduler
 from upcycle.train.telemetry import MetricsWriter, RoutingTelemetry
 
@@ -109,8 +112,6 @@ class Trainer:
         if self.state is not None:
             ckpt.check_compatible(self.state, cfg, self.resume_from)
         torch.manual_seed(cfg.seed)  # adapter init: the same on every process
-        from upcycle.train.model import build_model
-
         full_resume = self.resume_from if self.resume_from and not cfg.adapter_checkpoints else None
         model, self.tokenizer, self.model_info = build_model(cfg, d.device, source=full_resume)
         self.fingerprint = None
@@ -213,7 +214,6 @@ class Trainer:
     def _forward(self, idx: list[int], training: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(summed cross-entropy, aux loss or 0, non-pad tokens) of one micro-batch."""
         from upcycle.data import collate
-        from upcycle.moe import aux_loss
 
         batch = collate([self.train_ds[k] if training else self.eval_ds[k] for k in idx],
                         pad_id=self.tokenizer.pad_token_id)
@@ -311,8 +311,6 @@ class Trainer:
                                     fingerprint=self.fingerprint, keep_last=cfg.keep_last, d=self.d)
 
     def run(self) -> dict:
-        from upcycle.train.loop import run_loop
-
         try:
             with _StopFlag() as stop:
                 return run_loop(self, stop)
@@ -331,21 +329,9 @@ def train(cfg: TrainConfig) -> dict:
         distributed.shutdown()
 
 
-def write_text(path: str, text: str) -> None:
-    """Write aside and rename: a kill never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder + os.sep)
 
 
-__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "train", "write_json", "write_text"]
+__all__ = ["Trainer", "TrainingDiverged", "epoch_batches", "train"]

@@ -1,6 +1,6 @@
-"""Routing: which expert sees which token, with what combine weight, plus the auxiliary losses.
+"""Routing functions: which expert sees which token, with what combine weight, plus the auxiliary losses.
 
-Two schemes, both returning a flat list of (token, expert, weight) assignments that any
+The routing *schemes* (``schemes.py``) call these. Two rules, both returning a flat list of (token, expert, weight) assignments that any
 experts backend consumes:
 
 * ``route_topk``: every token picks its K most probable experts (Switch / GShard /
@@ -44,9 +44,9 @@ class Routing:
     weight_A: Tensor
     """float32 [A]: combine weight, differentiable w.r.t. the router logits."""
     probs_TE: Tensor
-    """float32 [T, E]: softmax of the router logits."""
+    """float32 [T, E]: softmax of the router logits; with a padding mask, of the real tokens only."""
     logits_TE: Tensor
-    """float32 [T, E]: router logits."""
+    """float32 [T, E]: router logits (real tokens only, like ``probs_TE``)."""
     tokens_per_expert_E: Tensor
     """long [E]: assignments each expert received (after any capacity drop)."""
     num_dropped: Tensor
@@ -157,15 +157,20 @@ def _capacity_keep_mask(topi_TK: Tensor, num_experts: int, factor: float, group_
     return keep_A
 
 
-def route_expert_choice(logits_BSE: Tensor, capacity: float, group: str = "position") -> Routing:
-    """Expert-choice routing: in every group of N tokens each expert takes its C best tokens.
+def route_expert_choice(logits_BSE: Tensor, capacity: float, group: str = "position",
+                        mask_BS: Tensor | None = None) -> Routing:
+    """Expert-choice routing: in every group of n tokens each expert takes its C best tokens.
 
-    C = min(N, ceil(capacity * N / E)); the combine weight is that token's router probability
+    C = min(n, ceil(capacity * n / E)); the combine weight is that token's router probability
     for the expert (not renormalised). ``group="position"`` groups the B tokens at one
     sequence position, so routing at position s never looks at other positions (causal; with
     batch 1 a group is one token, which every expert takes, weights summing to 1: the layer
     then acts as a dense soft mixture). ``group="sequence"`` groups the S tokens of a sequence
     as in the EC paper; it is not causal (see ``SEQUENCE_EC_WARNING``).
+
+    ``mask_BS`` (bool, True = real token): padded tokens are in no group; n, and so C, count
+    a group's real tokens only. The Routing's probabilities and logits are then the real
+    tokens' only (row-major order), so losses and statistics never see a pad.
     """
     if logits_BSE.dim() != 3:
         raise UpcycleError(f"expert choice routes [batch, seq, experts] logits, got shape {tuple(logits_BSE.shape)}")
@@ -177,30 +182,68 @@ def route_expert_choice(logits_BSE: Tensor, capacity: float, group: str = "posit
     probs_BSE = router_probs(logits_BSE)
     # Flat token index b*S + s, laid out like the probabilities so it groups the same way.
     tok_BS = torch.arange(B * S, device=device).view(B, S)
-    if group == "position":
-        probs_GNE, tok_GN = probs_BSE.transpose(0, 1), tok_BS.transpose(0, 1)
-    else:
-        probs_GNE, tok_GN = probs_BSE, tok_BS
+    by_position = group == "position"
+    probs_GNE = probs_BSE.transpose(0, 1) if by_position else probs_BSE
+    tok_GN = tok_BS.transpose(0, 1) if by_position else tok_BS
     G, N = tok_GN.shape
-    C = min(N, math.ceil(round(capacity * N / E, 9))) if N > 0 else 0
-    weight_GEC, member_GEC = probs_GNE.transpose(1, 2).topk(C, dim=-1)
-    token_GEC = torch.gather(tok_GN.unsqueeze(1).expand(G, E, N), 2, member_GEC)
-    # Expert-major order: assignments arrive already sorted by expert, C*G per expert.
-    token_idx_A = token_GEC.permute(1, 0, 2).reshape(-1)
-    weight_A = weight_GEC.permute(1, 0, 2).reshape(-1)
-    expert_idx_A = torch.arange(E, device=device).repeat_interleave(G * C)
+    scores_GEN = probs_GNE.transpose(1, 2)
+    if mask_BS is None:
+        C = _ec_capacity(capacity, N, E)
+        weight_GEC, member_GEC = scores_GEN.topk(C, dim=-1)
+        token_GEC = torch.gather(tok_GN.unsqueeze(1).expand(G, E, N), 2, member_GEC)
+        # Expert-major order: assignments arrive already sorted by expert, C*G per expert.
+        token_idx_A = token_GEC.permute(1, 0, 2).reshape(-1)
+        weight_A = weight_GEC.permute(1, 0, 2).reshape(-1)
+        per_expert = G * C
+        real_T = None
+    else:
+        mask_GN = (mask_BS.transpose(0, 1) if by_position else mask_BS).bool()
+        C_G = torch.tensor([_ec_capacity(capacity, n, E) for n in mask_GN.sum(1).tolist()],
+                           dtype=torch.long, device=device)
+        C = int(C_G.max()) if G else 0
+        # Probabilities are >= 0: a pad scored -1 ranks below every real token, and the top
+        # C_g <= n_g of a group are then all real.
+        scores_GEN = scores_GEN.masked_fill(~mask_GN.unsqueeze(1), -1.0)
+        weight_GEC, member_GEC = scores_GEN.topk(C, dim=-1)
+        token_GEC = torch.gather(tok_GN.unsqueeze(1).expand(G, E, N), 2, member_GEC)
+        keep_EGC = (torch.arange(C, device=device) < C_G.unsqueeze(-1)).unsqueeze(0).expand(E, G, C)
+        token_idx_A = token_GEC.permute(1, 0, 2)[keep_EGC]
+        weight_A = weight_GEC.permute(1, 0, 2)[keep_EGC]
+        per_expert = int(C_G.sum())
+        real_T = mask_BS.reshape(-1).bool()
+    expert_idx_A = torch.arange(E, device=device).repeat_interleave(per_expert)
     routed_T = torch.zeros(B * S, dtype=torch.bool, device=device)
     routed_T[token_idx_A] = True
+    probs_TE, logits_TE = probs_BSE.reshape(B * S, E), logits_BSE.reshape(B * S, E)
+    if real_T is not None:
+        probs_TE, logits_TE, routed_T = probs_TE[real_T], logits_TE[real_T], routed_T[real_T]
     return Routing(
         token_idx_A=token_idx_A,
         expert_idx_A=expert_idx_A,
         weight_A=weight_A,
-        probs_TE=probs_BSE.reshape(B * S, E),
-        logits_TE=logits_BSE.reshape(B * S, E),
-        tokens_per_expert_E=torch.full((E,), G * C, dtype=torch.long, device=device),
+        probs_TE=probs_TE,
+        logits_TE=logits_TE,
+        tokens_per_expert_E=torch.full((E,), per_expert, dtype=torch.long, device=device),
         num_dropped=torch.zeros((), dtype=torch.long, device=device),
         num_unrouted=(~routed_T).sum(),
     )
+
+
+def _ec_capacity(capacity: float, n: int, num_experts: int) -> int:
+    """C = min(n, ceil(capacity * n / E)) tokens per expert of a group of n (0 for an empty group)."""
+    # round() first so that e.g. 1.1 * 10 / 11 = 1.0000000000000002 does not become 2.
+    return min(n, math.ceil(round(capacity * n / num_experts, 9))) if n > 0 else 0
+
+
+def restrict_to_tokens(routing_fn, logits_TE: Tensor, real_T: Tensor | None, **kwargs) -> Routing:
+    """``routing_fn(logits_TE, **kwargs)`` over the real tokens only (``real_T`` bool [T]); the
+    assignments keep indices into all T tokens, probabilities and logits are the real tokens'."""
+    if real_T is None:
+        return routing_fn(logits_TE, **kwargs)
+    idx_R = real_T.reshape(-1).nonzero().squeeze(1)
+    r = routing_fn(logits_TE[idx_R], **kwargs)
+    r.token_idx_A = idx_R[r.token_idx_A]
+    return r
 
 
 def load_balancing_loss(probs_TE: Tensor, expert_idx_A: Tensor, num_experts: int, top_k: int) -> Tensor:

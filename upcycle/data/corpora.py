@@ -21,7 +21,7 @@ import datasets
 import yaml
 
 from upcycle.errors import UpcycleError
-from upcycle.sources import _one_line
+from upcycle.io import one_line
 
 from .config import DataConfig
 
@@ -145,7 +145,7 @@ def _read_files(spec: str, files: list[Path], kind: str, text_column: str) -> da
     try:
         ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **extra)
     except Exception as exc:  # malformed JSON, wrong parquet, unreadable file: one line
-        raise UpcycleError(f"could not read {spec}: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise UpcycleError(f"could not read {spec}: {type(exc).__name__}: {one_line(exc)}") from None
     # A .txt file's document is its text, whatever data.text_column says.
     return ds.rename_column("text", text_column) if builder == "text" and text_column != "text" else ds
 
@@ -158,7 +158,7 @@ def _hub(spec: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UpcycleError(
             f"dataset not found: {spec!r} is no built-in ({', '.join(BUILTINS)}), no local path, and the hub "
-            f"could not load it ({type(exc).__name__}: {_one_line(exc, 160)}){hint}"
+            f"could not load it ({type(exc).__name__}: {one_line(exc, 160)}){hint}"
         ) from None
     if "train" not in splits:
         raise UpcycleError(f"hub dataset {spec!r} has no train split (it has: {', '.join(splits)})")

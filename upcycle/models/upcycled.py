@@ -1,4 +1,4 @@
-"""Upcycled checkpoints: load one, describe one.
+"""Upcycled checkpoints: load one, describe one (``upcycle inspect``).
 
     model = upcycle.load("runs/smollm2-moe", experts_backend="grouped_mm")
 
@@ -9,38 +9,17 @@ The format (DESIGN.md section 3) is a Hugging Face model directory whose config.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 
 import torch
 from safetensors import safe_open
 
+from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
-
-
-def read_json_object(path: str, what: str) -> dict:
-    """A JSON object from ``path``; a one-line UpcycleError for an unreadable file or another JSON value."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UpcycleError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UpcycleError(f"{path} is not {what} (expected a JSON object)")
-    return raw
-
-
-def _read_config(path: str) -> dict:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise UpcycleError(f"checkpoint not found: {path}")
-    if not os.path.isfile(cfg_path):
-        raise UpcycleError(f"{path} has no config.json: not a model directory")
-    raw = read_json_object(cfg_path, "a model config")
-    if not isinstance(raw.get("upcycle", {}), dict):
-        raise UpcycleError(f"{cfg_path} is not a model config (its 'upcycle' entry is not an object)")
-    return raw
+from upcycle.io import read_model_config, read_safetensors_header
+from upcycle.moe.block import set_experts_backend
+from upcycle.moe.schemes import ROUTING_FIELDS, routing_scheme
 
 
 def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | None = None, device=None):
@@ -51,17 +30,11 @@ def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | No
     """
     from transformers import AutoModelForCausalLM
 
-    from upcycle.moe import set_experts_backend
-
-    from pathlib import Path
-
-    from upcycle.sources import _read_safetensors_header
-
-    raw = _read_config(path)
+    raw = read_model_config(path)
     if "upcycle" not in raw:
         raise UpcycleError(f"{path} is not an upcycled checkpoint (config.json has no 'upcycle' section)")
     for f in _weight_files(path):  # truncated or garbled shards: one line now, not a traceback later
-        _read_safetensors_header(Path(f))
+        read_safetensors_header(f)
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
     # transformers leaves a missing expert tensor as uninitialised memory: refuse instead.
     bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -84,7 +57,7 @@ def _weight_files(path: str) -> list[str]:
 
 def describe(path: str) -> dict:
     """What ``upcycle inspect`` shows, read from config.json and the safetensors headers only."""
-    raw = _read_config(path)
+    raw = read_model_config(path)
     shapes: dict[str, tuple[list[int], str]] = {}
     for f in _weight_files(path):
         try:
@@ -113,30 +86,25 @@ def describe(path: str) -> dict:
     if up:
         try:
             info.update(_describe_moe(up, shapes, total))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, UpcycleError) as e:
             raise UpcycleError(f"{path}/config.json has a malformed 'upcycle' section ({type(e).__name__}: {e})") from None
     return info
 
 
 def _describe_moe(up: dict, shapes: dict, total: int) -> dict:
     """The MoE lines of ``describe``: layers, experts, routing, active parameters per token."""
-    moe = up["moe"]
-    E = moe["num_experts"]
-    # Experts a token passes through on average: K for top-K, about C for expert choice
-    # (with batch-1 decoding expert choice gives every token all E experts; see the README).
-    per_token = moe["top_k"] if moe["routing"] == "topk" else min(float(moe["capacity"]), E)
-    inactive = 0
-    for k, (shape, _) in shapes.items():
-        if ".experts." in k:
-            inactive += math.prod(shape) * (E - per_token) / E
+    scheme = routing_scheme(from_dict(MoEConfig, up["moe"], "config.upcycle.moe"))
+    E = scheme.cfg.num_experts
+    per_token = scheme.experts_per_token
+    inactive = sum(math.prod(shape) * (E - per_token) / E for k, (shape, _) in shapes.items() if ".experts." in k)
+    settings = {f: None for f in ROUTING_FIELDS}  # the other schemes' settings do not apply
+    settings.update(scheme.settings())
     return dict(
         active_params_per_token=int(round(total - inactive)),
         moe_layer_ids=up["layer_ids"],
         num_experts=E,
-        routing=moe["routing"],
-        top_k=moe["top_k"] if moe["routing"] == "topk" else None,
-        capacity=moe["capacity"] if moe["routing"] == "expert-choice" else None,
-        ec_group=moe["ec_group"] if moe["routing"] == "expert-choice" else None,
+        routing=scheme.name,
+        **settings,
         init=up["init"]["method"],
         source=up["source"]["model"],
         source_fingerprint=up["source"]["fingerprint"],

@@ -1,0 +1,45 @@
+"""One loader for "an upcycled directory, else any dense source": what eval, generate, merge and train open.
+
+    model, tokenizer = load_model_and_tokenizer("runs/smollm2-moe")   # upcycle.load + its tokenizer
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")       # the dense source itself
+"""
+
+from __future__ import annotations
+
+import os
+
+from upcycle.errors import UpcycleError
+from upcycle.io import read_model_config
+from upcycle.models.sources import open_source
+from upcycle.models.upcycled import load
+
+
+def _upcycled(spec: str) -> bool:
+    # A damaged config.json of a model directory is its own one-line error, not "not upcycled".
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        return "upcycle" in read_model_config(spec)
+    return False
+
+
+def load_model(spec: str, experts_backend: str = "auto", device: str | None = None):
+    """The model ``spec`` names: ``upcycle.load`` for an upcycled directory, else the dense source (eval mode)."""
+    if _upcycled(spec):
+        return load(spec, experts_backend=experts_backend, device=device)
+    with open_source(spec) as src:
+        model = src.load_dense_model()
+    return model.to(device) if device else model
+
+
+def load_model_and_tokenizer(spec: str, experts_backend: str = "auto", device: str | None = None):
+    """(model, tokenizer) for an upcycled checkpoint dir or any dense source ``--model`` accepts."""
+    if _upcycled(spec):
+        from transformers import AutoTokenizer
+
+        model = load(spec, experts_backend=experts_backend, device=device)
+        try:
+            return model, AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError):
+            raise UpcycleError(f"{spec} has no tokenizer files") from None
+    with open_source(spec) as src:
+        model = src.load_dense_model()
+        return (model.to(device) if device else model), src.load_tokenizer()

@@ -1,0 +1,196 @@
+"""The one experts forward: every backend, every weight storage, with or without LoRA deltas.
+
+    y_TD = experts_forward(x_TD, token_idx_A, expert_idx_A, weight_A, weights, gated=True,
+                           activation="silu", backend="grouped_mm", lowrank=None)
+
+computes ``y[t] = sum_a weight[a] * expert_{e(a)}(x[t])`` over the assignments a of token t,
+where expert e is ``down_e(act(gate_e x) * up_e x)`` (gated) or ``down_e(act(up_e x))``, each
+projection optionally plus a low-rank delta ``scaling * B_e A_e`` applied as ``(x A_e^T) B_e^T``
+(``W_e + B_e A_e`` is never built). Tokens with no assignment get 0.
+
+Storage (plain stacked, shared base, NF4) only decides where ``ExpertWeights`` come from;
+LoRA only adds ``LowRank``; the math is here, once. The ``triton`` backend runs the fused
+kernels of ``upcycle_kernels``; with low-rank deltas it hands over to ``grouped_mm`` (the
+kernels have no low-rank epilogue yet), or to ``loop`` where ``grouped_mm`` cannot run.
+
+Shape legend:
+    T  tokens           D  hidden size         F  expert FFN size
+    E  experts          A  assignments         r  LoRA rank
+    M  first-projection rows (2F gated, F otherwise)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.activations import ACT2FN
+
+from upcycle.moe.backends import grouped_mm_unsupported
+from upcycle.moe.routing import count_per_index
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """What an experts forward reads, whatever stores it (views are fine: stride 0 on E included)."""
+
+    w_in_EMD: Tensor
+    """[E, M, D]: ``gate_up_proj`` (rows :F gate, F: up) or ``up_proj``."""
+    w_down_EDF: Tensor
+    """[E, D, F]: ``down_proj``."""
+    b_in_EM: Tensor | None = None
+    b_down_ED: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Per-expert low-rank deltas on both projections (LoRA); B zero means no change."""
+
+    a_in_ERD: Tensor
+    b_in_EMR: Tensor
+    a_down_ERF: Tensor
+    b_down_EDR: Tensor
+    scaling: float
+    dropout: Callable[[Tensor], Tensor] = lambda t: t
+    """Applied to each projection's input before A (LoRA dropout)."""
+
+
+@functools.lru_cache(maxsize=None)
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    return ACT2FN[name]
+
+
+def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor,
+                    weights: ExpertWeights, *, gated: bool, activation: str, backend: str,
+                    lowrank: LowRank | None = None, expert_major: bool = False) -> Tensor:
+    """x [T, D], assignments [A] -> y [T, D] in x's dtype (see the module docstring).
+
+    ``backend``: a resolved name (``loop``, ``grouped_mm`` or ``triton``). ``expert_major``:
+    the assignments come grouped by expert in expert order, A/E each (expert-choice
+    routing); the triton kernels then skip their sort. Not checked.
+    """
+    if backend == "triton" and lowrank is not None:
+        w = weights.w_in_EMD
+        backend = "loop" if grouped_mm_unsupported(w.dtype, w.shape[-1], weights.w_down_EDF.shape[-1]) else "grouped_mm"
+    if backend == "triton":
+        from upcycle_kernels import moe_experts
+
+        return moe_experts(x_TD, token_idx_A, expert_idx_A, weight_A, weights.w_in_EMD, weights.w_down_EDF,
+                           weights.b_in_EM, weights.b_down_ED, activation=activation, gated=gated,
+                           expert_major=expert_major)
+    act = activation_fn(activation)
+
+    def activate(h_NM: Tensor) -> Tensor:
+        if gated:
+            gate_NF, up_NF = h_NM.chunk(2, dim=-1)
+            return act(gate_NF) * up_NF
+        return act(h_NM)
+
+    run = {"loop": _forward_loop, "grouped_mm": _forward_grouped_mm}[backend]
+    return run(x_TD, token_idx_A, expert_idx_A, weight_A, weights, activate, lowrank)
+
+
+def sort_by_expert(token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, num_experts: int):
+    """Assignments stably sorted by expert, and the count per expert [E]."""
+    order_A = torch.argsort(expert_idx_A, stable=True)
+    counts_E = count_per_index(expert_idx_A, num_experts)
+    return token_idx_A[order_A], expert_idx_A[order_A], weight_A[order_A], counts_E
+
+
+def _lowrank_term(x_NI: Tensor, a_RI: Tensor, b_OR: Tensor, lr: LowRank, out_dtype: torch.dtype) -> Tensor:
+    x_NI = lr.dropout(x_NI.to(a_RI.dtype))
+    return (F.linear(F.linear(x_NI, a_RI), b_OR) * lr.scaling).to(out_dtype)
+
+
+def _forward_loop(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeights, activate, lr) -> Tensor:
+    w_in = w.w_in_EMD
+    # float32 (or wider) accumulator: bf16 sums over K experts would round at every add.
+    acc = torch.promote_types(torch.float32, w_in.dtype)
+    y_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
+    tok_A, _, w_A, counts_E = sort_by_expert(token_idx_A, expert_idx_A, weight_A, w_in.shape[0])
+    # unbind once: indexing w[e] per expert would make autograd build a full [E, ...] zero
+    # gradient per expert in backward (O(E^2) work).
+    w_in_E, w_down_E = w_in.unbind(0), w.w_down_EDF.unbind(0)
+    b_in_E = w.b_in_EM.unbind(0) if w.b_in_EM is not None else None
+    b_down_E = w.b_down_ED.unbind(0) if w.b_down_ED is not None else None
+    if lr is not None:
+        a_in_E, b_in_lr_E = lr.a_in_ERD.unbind(0), lr.b_in_EMR.unbind(0)
+        a_down_E, b_down_lr_E = lr.a_down_ERF.unbind(0), lr.b_down_EDR.unbind(0)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        tok_N, w_N = tok_A[start:start + n], w_A[start:start + n]
+        start += n
+        x_ND = x_TD[tok_N].to(w_in.dtype)
+        h_NM = F.linear(x_ND, w_in_E[e], None if b_in_E is None else b_in_E[e])
+        if lr is not None:
+            h_NM = h_NM + _lowrank_term(x_ND, a_in_E[e], b_in_lr_E[e], lr, h_NM.dtype)
+        h_NF = activate(h_NM)
+        out_ND = F.linear(h_NF, w_down_E[e], None if b_down_E is None else b_down_E[e])
+        if lr is not None:
+            out_ND = out_ND + _lowrank_term(h_NF, a_down_E[e], b_down_lr_E[e], lr, out_ND.dtype)
+        y_TD.index_add_(0, tok_N, out_ND.to(acc) * w_N.unsqueeze(-1).to(acc))
+    return y_TD.to(x_TD.dtype)
+
+
+def _lowrank_grouped(x_AI: Tensor, a_ERI: Tensor, b_EOR: Tensor, lr: LowRank, offs_E: Tensor, counts_E: Tensor,
+                     out_dtype: torch.dtype) -> Tensor:
+    """Per-expert ``(x A_e^T) B_e^T * scaling`` over expert-sorted rows x [A, I] -> [A, O]."""
+    x_AI = lr.dropout(x_AI.to(a_ERI.dtype))
+    if grouped_mm_unsupported(a_ERI.dtype, x_AI.shape[-1], a_ERI.shape[1]) is None:
+        t_AR = grad_contiguous(F.grouped_mm(x_AI, a_ERI.transpose(-2, -1), offs=offs_E))
+        d_AO = grad_contiguous(F.grouped_mm(t_AR, b_EOR.transpose(-2, -1), offs=offs_E))
+    else:  # rank rows not 16-byte aligned: grouped_mm cannot take them, go expert by expert
+        counts = counts_E.tolist()
+        a_E, b_E = a_ERI.unbind(0), b_EOR.unbind(0)
+        parts = [F.linear(F.linear(x_NI, a_E[e]), b_E[e]) for e, x_NI in enumerate(x_AI.split(counts)) if counts[e]]
+        d_AO = torch.cat(parts) if parts else x_AI.new_zeros(0, b_EOR.shape[1])
+    return (d_AO * lr.scaling).to(out_dtype)
+
+
+def _forward_grouped_mm(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeights, activate, lr) -> Tensor:
+    w_in = w.w_in_EMD
+    tok_A, exp_A, w_A, counts_E = sort_by_expert(token_idx_A, expert_idx_A, weight_A, w_in.shape[0])
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    x_AD = x_TD[tok_A].to(w_in.dtype)
+    h_AM = grad_contiguous(F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=offs_E))
+    if lr is not None:
+        h_AM = h_AM + _lowrank_grouped(x_AD, lr.a_in_ERD, lr.b_in_EMR, lr, offs_E, counts_E, h_AM.dtype)
+    if w.b_in_EM is not None:
+        h_AM = h_AM + w.b_in_EM[exp_A]
+    h_AF = activate(h_AM)
+    out_AD = grad_contiguous(F.grouped_mm(h_AF, w.w_down_EDF.transpose(-2, -1), offs=offs_E))
+    if lr is not None:
+        out_AD = out_AD + _lowrank_grouped(h_AF, lr.a_down_ERF, lr.b_down_EDR, lr, offs_E, counts_E, out_AD.dtype)
+    if w.b_down_ED is not None:
+        out_AD = out_AD + w.b_down_ED[exp_A]
+    y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    y_TD.index_add_(0, tok_A, out_AD.float() * w_A.unsqueeze(-1).float())
+    return y_TD.to(x_TD.dtype)
+
+
+class _GradContiguous(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    grouped_mm's backward rejects gradients with zero strides, which is exactly what
+    ``out.sum().backward()`` produces (an expanded scalar). The combine step after each
+    GEMM happens to materialise its gradient today; this keeps any rewiring of it safe.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def grad_contiguous(x: Tensor) -> Tensor:
+    """``x`` itself, whose gradient reaches grouped_mm contiguous (see ``_GradContiguous``)."""
+    return _GradContiguous.apply(x) if x.requires_grad else x
