@@ -130,3 +130,15 @@ def test_import_is_cheap():
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
     assert not any(str(n).split(".")[0] in ("matplotlib", "numpy") for n in names)
+
+
+def test_a_single_logged_step_is_drawn(tmp_path):
+    # A line through one point draws nothing; the summary must still show each layer's value.
+    run = _write(tmp_path / "one", [_train(1, layers=1, experts=4)])
+    paths = plot_run(run)
+    import matplotlib.image
+    import numpy as np
+
+    summary = matplotlib.image.imread(next(p for p in paths if p.endswith("routing_summary.png")))[..., :3]
+    layer_colour = np.array([68, 1, 84]) / 255  # viridis(0): the only layer's colour
+    assert (np.abs(summary - layer_colour).max(axis=-1) < 0.05).sum() > 20

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 from upcycle.errors import UpcycleError
+from upcycle.io import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 MAX_FIG_HEIGHT_IN = 48.0  # 32 layers x 128 experts must still give a PNG a viewer can open
@@ -108,23 +108,28 @@ def _new_figure(width: float, height: float, nrows: int, **kw):
     return fig, axes
 
 
+def _line(ax, xs, ys, **kw):
+    """A line that stays visible with one point (a run that logged one step): markers then."""
+    ax.plot(xs, ys, **({"marker": "o", "ms": 4} if len(xs) == 1 else {}), **kw)
+
+
 def _loss_figure(train, evals, name):
     fig, (ax, ax_lr) = _new_figure(10, 6, 2, gridspec_kw={"height_ratios": [3, 1.3]})
-    ax.plot(*_series(train, "loss"), lw=1, label="train loss")
+    _line(ax, *_series(train, "loss"), lw=1, label="train loss")
     if evals:
         ax.plot(*_series(evals, "loss"), "o-", ms=4, lw=1, label="eval loss")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"{name}: loss")
-    ax_lr.plot(*_series(train, "lr"), color="tab:green", lw=1, label="lr")
+    _line(ax_lr, *_series(train, "lr"), color="tab:green", lw=1, label="lr")
     ax_lr.set_ylabel("lr")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.grid(alpha=0.3)
     aux_steps, aux = _series(train, "aux_loss")
     if any(v for v in aux):  # a dense run logs aux_loss=0; a flat zero line is noise
         ax_aux = ax_lr.twinx()
-        ax_aux.plot(aux_steps, aux, color="tab:red", lw=1, label="aux_loss")
+        _line(ax_aux, aux_steps, aux, color="tab:red", lw=1, label="aux_loss")
         ax_aux.set_ylabel("aux_loss")
         ax_lr.legend(handles=ax_lr.lines + ax_aux.lines, loc="upper right")
     ax_lr.set_xlabel("step")
@@ -202,7 +207,7 @@ def _summary_figure(train, layers, name):
         colour = cmap(i / max(len(layers) - 1, 1))
         for ax, (key, _) in zip(axes, keys):
             xy = [(s, st[key]) for s, st in pts if isinstance(st.get(key), (int, float))]
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], color=colour, lw=1, label=layer)
+            _line(ax, [p[0] for p in xy], [p[1] for p in xy], color=colour, lw=1, label=layer)
     for ax, (key, label) in zip(axes, keys):
         ax.set_ylabel(label, fontsize=8)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # the balanced value for all three
@@ -221,13 +226,6 @@ def _summary_figure(train, layers, name):
 def _save(fig, out_dir: str, filename: str) -> str:
     """Render to a temp file in out_dir, then rename over the target (atomic on one filesystem)."""
     final = os.path.join(out_dir, filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     return final
