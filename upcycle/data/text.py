@@ -23,8 +23,9 @@ IGNORE_INDEX = -100
 
 def _encode(batch: dict, tokenizer, eos: int) -> dict:
     # verbose=False: whole plays are far longer than model_max_length, and that is fine here.
-    ids = tokenizer([t or "" for t in batch["text"]], verbose=False)["input_ids"]
-    return {"input_ids": [x if x[-1:] == [eos] else x + [eos] for x in ids]}
+    texts = [t or "" for t in batch["text"]]
+    ids = tokenizer(texts, verbose=False)["input_ids"]
+    return {"input_ids": [x if x[-1:] == [eos] else x + [eos] for x in ids], "blank": [not t.strip() for t in texts]}
 
 
 def _sequences(flat: np.ndarray, seq_len: int) -> Dataset:
@@ -35,8 +36,11 @@ def _sequences(flat: np.ndarray, seq_len: int) -> Dataset:
     return Dataset(pa.table({"input_ids": rows, "labels": rows}))
 
 
-def pack_documents(docs: Dataset, tokenizer, seq_len: int, *, num_proc: int | None = None) -> tuple[Dataset, dict]:
-    """(Dataset of ``input_ids`` / ``labels`` rows, stats {documents, tokens, sequences})."""
+def pack_documents(docs: Dataset, tokenizer, seq_len: int, *, num_proc: int | None = None,
+                   source: str | None = None) -> tuple[Dataset, dict]:
+    """(Dataset of ``input_ids`` / ``labels`` rows, stats {documents, tokens, sequences}).
+
+    ``source``: what the documents are, for the error when they hold no text at all."""
     if not len(docs):
         raise UpcycleError("no documents to pack")
     eos = tokenizer.eos_token_id
@@ -44,6 +48,8 @@ def pack_documents(docs: Dataset, tokenizer, seq_len: int, *, num_proc: int | No
         raise UpcycleError("the tokenizer has no eos token; packing text needs one to separate documents")
     encoded = docs.map(_encode, batched=True, remove_columns=docs.column_names, num_proc=num_proc,
                        fn_kwargs={"tokenizer": tokenizer, "eos": eos}, desc="Tokenising")
+    if all(encoded["blank"]):  # an empty file would otherwise train on a lone EOS
+        raise UpcycleError(f"{source or 'the text'} is empty: no text to train on")
     chunks = encoded.data.column("input_ids").chunks
     flat = np.concatenate([c.flatten().to_numpy() for c in chunks])
     packed = _sequences(flat, seq_len)
