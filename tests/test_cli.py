@@ -73,10 +73,12 @@ def test_missing_model(capsys, tmp_path):
 
 
 def test_unsupported_architecture(capsys, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    _fails(capsys, _conv(tmp_path / "gpt2", tmp_path / "out", "--layers", "1"), "supported: gpt_neox, llama", tmp_path)
+    OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                             word_embed_proj_dim=32)).save_pretrained(tmp_path / "opt")
+    _fails(capsys, _conv(tmp_path / "opt", tmp_path / "out", "--layers", "1"),
+           "cannot upcycle architecture 'opt': its decoder layers have no MLP module", tmp_path)
 
 
 def test_truncated_and_corrupted_safetensors(capsys, tmp_path):

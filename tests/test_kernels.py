@@ -343,13 +343,17 @@ def test_upcycled_model_logits_and_gradients_match_loop(tmp_path, routing):
 # ---------------------------------------------------------------- 4. backend selection and errors
 
 
-def test_backend_selection_and_errors(monkeypatch):
+def test_backend_selection_and_errors(monkeypatch, caplog):
     assert resolve_backend("auto", torch.bfloat16, 64, 64, device="cuda") == "triton"
     assert resolve_backend("auto", torch.bfloat16, 64, 64, device="cpu") == "grouped_mm"
     assert resolve_backend("auto", torch.float64, 64, 64, device="cuda") == "loop"  # triton: no float64
     assert resolve_backend("auto", torch.bfloat16, 64, 64, device="cuda", activation="mish") == "grouped_mm"
-    with pytest.raises(UpcycleError, match="do not implement activation 'mish'"):
-        StackedExperts(2, 8, 8, gated=True, activation="mish", backend="triton")
+    # An activation the kernels do not fuse: grouped_mm runs it, with one info line, never an error.
+    with caplog.at_level("INFO", logger="upcycle"):
+        ex = StackedExperts(2, 8, 8, gated=True, activation="mish", backend="triton")
+        assert ex.resolved_backend() == "grouped_mm"
+    assert [r.getMessage() for r in caplog.records].count(
+        "the triton experts kernels do not fuse activation 'mish': those experts run on grouped_mm") == 1
     with pytest.raises(UpcycleError, match="float64"):
         StackedExperts(2, 8, 8, gated=True, activation="silu", backend="triton", dtype=torch.float64)
     if not CUDA:

@@ -304,17 +304,6 @@ def test_no_weights_at_all(saved, tmp_path):
     _one_line_error(path, "no weights")
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_unsupported_architecture(tmp_path, arch):
-    from transformers import BertConfig, GPT2Config
-
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) \
-        if arch == "bert" else GPT2Config(n_embd=32, n_layer=1, n_head=2)
-    config.save_pretrained(tmp_path)
-    (tmp_path / "model.safetensors").write_bytes(b"never read")  # arch is checked before weights
-    _one_line_error(tmp_path, f"unsupported architecture '{arch}'")
-
-
 def test_broken_config(saved, tmp_path):
     path = _copy(saved, "llama-single", tmp_path)
     (path / "config.json").write_text('{"model_type": "llama", ')

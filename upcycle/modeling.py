@@ -4,7 +4,7 @@ An upcycled checkpoint's ``config.json`` is the base config with ``model_type`` 
 ``upcycle_<base>`` and an ``upcycle`` section. The registered model class is the base
 transformers class whose MLPs at ``upcycle.layer_ids`` are replaced by ``MoEBlock`` at
 construction, so ``from_pretrained``, ``save_pretrained`` and ``generate`` are transformers'
-own and the stacked expert tensors load by name. The decoder's forward hands its attention
+own and the stacked expert tensors load by name. The model's forward hands its attention
 mask to the MoE blocks, so padded positions get no expert.
 """
 
@@ -17,7 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import MoEBlock, use_attention_mask
-from upcycle.surgery.arch import ARCHITECTURES, arch_for
+from upcycle.surgery.arch import FAMILIES, arch_spec
 
 _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[str, type] = {}
@@ -36,34 +36,45 @@ def moe_config_of(config) -> MoEConfig:
 
 def install_moe_blocks(model, config, backend: str = "auto") -> None:
     """Replace the MLP of every layer in ``config.upcycle['layer_ids']`` with an ``MoEBlock``, and
-    have the decoder's forward hand them its attention mask (pads are routed nowhere)."""
-    spec = arch_for(config.upcycle["base_model_type"])
-    mlp = config.upcycle["mlp"]
+    have the model's forward hand them its attention mask (pads are routed nowhere)."""
+    up = config.upcycle
+    if "layers" in up:
+        layers_prefix, mlp_name = up["layers"], up["mlp_name"]
+    else:  # written before the section recorded them: read them off the model
+        spec = arch_spec(config, model)
+        layers_prefix, mlp_name = spec.layers_prefix, spec.mlp_name
+    mlp = up["mlp"]
     moe_cfg = moe_config_of(config)
-    layers = model.get_submodule(spec.layers_prefix)
-    for i in config.upcycle["layer_ids"]:
-        old = getattr(layers[i], spec.mlp_name)
+    layers = model.get_submodule(layers_prefix)
+    for i in up["layer_ids"]:
+        old = getattr(layers[i], mlp_name)
         weight = next(old.parameters())
         block = MoEBlock(
             moe_cfg, mlp["hidden_size"], mlp["ffn_size"], gated=mlp["gated"], activation=mlp["activation"],
             bias=mlp["bias"], backend=backend, dtype=weight.dtype, device=weight.device,
         )
-        setattr(layers[i], spec.mlp_name, block)
-    use_attention_mask(model.get_submodule(spec.layers_prefix.rpartition(".")[0]))
+        setattr(layers[i], mlp_name, block)
+    use_attention_mask(model)
 
 
-def upcycled_config_class(base_model_type: str) -> type:
-    arch_for(base_model_type)  # unsupported architecture: clear error
-    return _CONFIG_CLASSES[base_model_type]
+def register(base_model_type: str) -> tuple[type, type]:
+    """(config class, model class) of ``upcycle_<base_model_type>``, registered with the Auto classes.
 
-
-def upcycled_model_class(base_model_type: str) -> type:
-    arch_for(base_model_type)
-    return _MODEL_CLASSES[base_model_type]
+    The tested families (``FAMILIES``) are registered when ``upcycle`` is imported; any other
+    family on first use (``upcycle.convert``, ``upcycle.load``).
+    """
+    base = base_model_type.removeprefix("upcycle_")
+    if base not in _CONFIG_CLASSES:
+        if base not in CONFIG_MAPPING:
+            raise UpcycleError(f"unknown architecture {base!r}: this transformers has no such model_type")
+        _register(base)
+    return _CONFIG_CLASSES[base], _MODEL_CLASSES[base]
 
 
 def _register(base_model_type: str) -> None:
     base_config = CONFIG_MAPPING[base_model_type]
+    if base_config not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UpcycleError(f"architecture {base_model_type!r} has no causal LM class in transformers")
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
     model_type = f"upcycle_{base_model_type}"
     config_cls = type(
@@ -87,5 +98,6 @@ def _register(base_model_type: str) -> None:
     globals()[model_cls.__name__] = model_cls
 
 
-for _base in ARCHITECTURES:
-    _register(_base)
+for _base in FAMILIES:
+    if _base in CONFIG_MAPPING:  # a family newer than the installed transformers is simply not there
+        _register(_base)

@@ -18,6 +18,7 @@ ACT_GELU = tl.constexpr(1)  # 0.5 x (1 + erf(x / sqrt 2))           (transformer
 ACT_GELU_TANH = tl.constexpr(2)  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))  (GPT-NeoX "gelu_new" and friends)
 ACT_QUICK_GELU = tl.constexpr(3)  # x * sigmoid(1.702 x)
 ACT_RELU = tl.constexpr(4)
+ACT_RELU2 = tl.constexpr(5)  # relu(x)^2                              (Nemotron, Persimmon, Primer's squared ReLU)
 
 ACTIVATIONS = {
     "silu": ACT_SILU.value,
@@ -30,6 +31,7 @@ ACTIVATIONS = {
     "gelu_python_tanh": ACT_GELU_TANH.value,
     "quick_gelu": ACT_QUICK_GELU.value,
     "relu": ACT_RELU.value,
+    "relu2": ACT_RELU2.value,
 }
 
 
@@ -57,6 +59,9 @@ def act_fwd(z, ACT: tl.constexpr):
         out = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == ACT_QUICK_GELU:
         out = z * tl.sigmoid(1.702 * z)
+    elif ACT == ACT_RELU2:
+        r = tl.maximum(z, 0.0)
+        out = r * r
     else:
         out = tl.maximum(z, 0.0)
     return out
@@ -81,6 +86,10 @@ def act_fwd_bwd(z, ACT: tl.constexpr):
         s = tl.sigmoid(1.702 * z)
         out = z * s
         grad = s * (1.0 + 1.702 * z * (1.0 - s))
+    elif ACT == ACT_RELU2:
+        r = tl.maximum(z, 0.0)
+        out = r * r
+        grad = 2.0 * r
     else:
         out = tl.maximum(z, 0.0)
         grad = tl.where(z > 0, 1.0, 0.0)

@@ -7,7 +7,12 @@
 
 from upcycle.models.base import Source
 from upcycle.models.loader import load_model, load_model_and_tokenizer
-from upcycle.models.sources import ALIASES, HUB_ALLOW_PATTERNS, TOKENIZER_FILES, open_source
+from upcycle.models.sources import (
+           ALIASES,
+           HUB_ALLOW_PATTERNS,
+           TOKENIZER_FILES,
+           open_source,
+)
 from upcycle.models.upcycled import describe, load
 
 __all__ = ["ALIASES", "HUB_ALLOW_PATTERNS", "TOKENIZER_FILES", "Source", "describe", "load", "load_model",

@@ -17,11 +17,12 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.io import Info, one_line
-from upcycle.surgery.arch import arch_for
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    # A multimodal checkpoint's processor: it must still load and run after conversion.
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
 )
 _HASH_CHUNK = 8 << 20
 
@@ -132,16 +133,7 @@ def load_config(folder: Path, spec: str, **kwargs):
         config = AutoConfig.from_pretrained(str(folder), **kwargs)
     except Exception as exc:
         raise UpcycleError(f"cannot read the model config of {spec}: {one_line(exc)}") from None
-    arch_for(config.model_type)  # unsupported architectures fail here, before any tensor is touched
     return config
-
-
-def skeleton(config):
-    """The model on the meta device: state-dict names and shapes, no memory, no init."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def auto_tokenizer(spec: str, folder: Path, **kwargs):

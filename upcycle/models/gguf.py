@@ -11,7 +11,8 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.io import one_line
-from upcycle.models.base import Source, auto_tokenizer, load_config, natural_key, skeleton
+from upcycle.models.base import Source, auto_tokenizer, load_config, natural_key
+from upcycle.surgery.arch import skeleton
 
 # GGUF storage types get_tensor returns as they are; every quantised type comes back as float32.
 _GGUF_DTYPES = {

@@ -13,7 +13,14 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.io import Info, one_line, read_safetensors_header
-from upcycle.models.base import TOKENIZER_FILES, Source, auto_tokenizer, load_config, natural_key, skeleton
+from upcycle.models.base import (
+    TOKENIZER_FILES,
+    Source,
+    auto_tokenizer,
+    load_config,
+    natural_key,
+)
+from upcycle.surgery.arch import skeleton
 
 
 def _checkpoint_to_model_names(model, keys) -> dict[str, str]:

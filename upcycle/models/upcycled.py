@@ -18,6 +18,7 @@ from safetensors import safe_open
 from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
 from upcycle.io import read_model_config, read_safetensors_header
+from upcycle.modeling import register
 from upcycle.moe.block import set_experts_backend
 from upcycle.moe.schemes import ROUTING_FIELDS, routing_scheme
 
@@ -33,6 +34,7 @@ def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | No
     raw = read_model_config(path)
     if "upcycle" not in raw:
         raise UpcycleError(f"{path} is not an upcycled checkpoint (config.json has no 'upcycle' section)")
+    register(str(raw["upcycle"].get("base_model_type", raw.get("model_type", ""))))  # families beyond FAMILIES
     for f in _weight_files(path):  # truncated or garbled shards: one line now, not a traceback later
         read_safetensors_header(f)
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)

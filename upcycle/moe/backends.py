@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from upcycle.errors import UpcycleError
 
 EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+log = logging.getLogger("upcycle")
+_TOLD: set[str] = set()
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,6 +53,14 @@ def triton_unsupported(dtype: torch.dtype, activation: str, device=None) -> str 
     return upcycle_kernels.unsupported(dtype, activation)
 
 
+def _kernels_lack(activation: str) -> bool:
+    try:
+        import upcycle_kernels
+    except Exception:  # no usable triton: not an activation question
+        return False
+    return activation not in upcycle_kernels.ACTIVATIONS
+
+
 def check_backend_name(name: str) -> None:
     if name not in EXPERT_BACKENDS:
         raise UpcycleError(f"unknown experts backend {name!r}; valid: {', '.join(EXPERT_BACKENDS)}")
@@ -65,6 +76,14 @@ def resolve_backend(name: str, dtype: torch.dtype, hidden: int, ffn: int, *, dev
     check_backend_name(name)
     if name == "triton":
         why = triton_unsupported(dtype, activation, device)
+        fusable = triton_unsupported(dtype, "silu", device) is None  # all else fine: only the activation is new
+        if why and fusable and _kernels_lack(activation) and grouped_mm_unsupported(dtype, hidden, ffn) is None:
+            # An activation the kernels do not fuse is no reason to stop: the next-fastest path runs it.
+            if activation not in _TOLD:
+                _TOLD.add(activation)
+                log.info("the triton experts kernels do not fuse activation %r: those experts run on grouped_mm",
+                         activation)
+            return "grouped_mm"
         if why:
             raise UpcycleError(f"experts backend 'triton' cannot run here: {why}")
         return name

@@ -13,6 +13,7 @@ renamed into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -30,9 +31,11 @@ from upcycle.config import ConvertConfig
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_dir, remove_stale
 from upcycle.models.base import Source
+from upcycle.modeling import register
 from upcycle.models.sources import open_source
 from upcycle.moe.schemes import routing_scheme
-from upcycle.surgery.arch import ArchSpec, arch_for
+from upcycle.surgery.arch import ArchSpec, arch_spec, skeleton
+from upcycle.surgery.dense_mlp import check_layer, dense_biases, dense_weights, mlp_dims, resolve_form, source_names
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
 from upcycle.version import __version__
 
@@ -113,7 +116,7 @@ class _Plan:
         self.spec, self.cfg, self.dtype = spec, cfg, dtype
         self.moe_layers = set(layer_ids)
         E = cfg.moe.num_experts
-        bias = spec.has_bias(src.config)
+        form = spec.form
         names = src.tensor_names()
         present = set(names)
         self.outputs: list[tuple[TensorSpec, tuple]] = []  # (output spec, recipe)
@@ -130,21 +133,19 @@ class _Plan:
                 continue
             done_layers.add(layer)
             mp = spec.mlp_prefix(layer)
-            parts = ([spec.gate] if spec.gated else []) + [spec.up, spec.down]
-            need = [f"{mp}.{p}.weight" for p in parts] + ([f"{mp}.{p}.bias" for p in parts] if bias else [])
-            missing = [n for n in need if n not in present]
+            missing = [n for n in source_names(form, mp) if n not in present]
             if missing:
                 raise UpcycleError(f"source has no tensor {missing[0]} (expected for a {spec.family} MLP)")
-            F, D = src.tensor_info(f"{mp}.{spec.up}.weight")[0]
-            up_name = "gate_up_proj" if spec.gated else "up_proj"
-            up_rows = 2 * F if spec.gated else F
+            D, F = mlp_dims(src, form, mp)
+            up_name = "gate_up_proj" if form.gated else "up_proj"
+            up_rows = 2 * F if form.gated else F
             self.mlp_shapes[layer] = (D, F)
             self.outputs.append((TensorSpec(f"{mp}.router.weight", (E, D), dtype), ("router", layer)))
             self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}", (E, up_rows, D), dtype), ("up", layer)))
-            if bias:
+            if form.bias:
                 self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}_bias", (E, up_rows), dtype), ("up_bias", layer)))
             self.outputs.append((TensorSpec(f"{mp}.experts.down_proj", (E, D, F), dtype), ("down", layer)))
-            if bias:
+            if form.bias:
                 self.outputs.append((TensorSpec(f"{mp}.experts.down_proj_bias", (E, D), dtype), ("down_bias", layer)))
         if done_layers != self.moe_layers:
             missing = sorted(self.moe_layers - done_layers)
@@ -221,21 +222,13 @@ def _produce(src: Source, plan: _Plan, out_spec: TensorSpec, recipe: tuple, cach
     if kind in ("up", "down"):
         if layer not in cache:
             cache.clear()  # one layer's dense MLP in memory at a time
-            up = src.get_tensor(f"{mp}.{spec.up}.weight")
-            if spec.gated:
-                up = torch.cat([src.get_tensor(f"{mp}.{spec.gate}.weight"), up])
-            cache[layer] = _ExpertFactory(cfg, layer, up, src.get_tensor(f"{mp}.{spec.down}.weight"))
+            cache[layer] = _ExpertFactory(cfg, layer, *dense_weights(src, spec.form, mp))
         factory = cache[layer]
         for e in range(E):
-            emit(out_spec.name, factory.make(e, kind, dtype, spec.gated))
+            emit(out_spec.name, factory.make(e, kind, dtype, spec.form.gated))
         return
     # Biases are copied unchanged into every expert.
-    if kind == "up_bias":
-        b = src.get_tensor(f"{mp}.{spec.up}.bias")
-        if spec.gated:
-            b = torch.cat([src.get_tensor(f"{mp}.{spec.gate}.bias"), b])
-    else:
-        b = src.get_tensor(f"{mp}.{spec.down}.bias")
+    b = dense_biases(src, spec.form, mp)[0 if kind == "up_bias" else 1]
     for _ in range(E):
         emit(out_spec.name, b.to(dtype))
 
@@ -252,8 +245,10 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
         "base_model_type": spec.family,
         "layer_ids": list(layer_ids),
         "moe": asdict(cfg.moe),
-        "mlp": {"hidden_size": D, "ffn_size": F, "gated": spec.gated,
-                "activation": spec.activation(src.config), "bias": spec.has_bias(src.config)},
+        "layers": spec.layers_prefix,
+        "mlp_name": spec.mlp_name,
+        "mlp": {"hidden_size": D, "ffn_size": F, "gated": spec.form.gated, "activation": spec.form.activation,
+                "bias": spec.form.bias},
         "init": {"method": init, "expert_noise": cfg.expert_noise, "reinit_ratio": cfg.reinit_ratio,
                  "router_std": cfg.router_std, "seed": cfg.seed},
         "source": {"model": src.spec, "kind": src.kind, "fingerprint": src.fingerprint},
@@ -261,15 +256,13 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
 
 
 def _write_config(src: Source, tmp: str, section: dict, dtype: torch.dtype) -> None:
-    from upcycle.modeling import upcycled_config_class, upcycled_model_class
-
-    cls = upcycled_config_class(section["base_model_type"])
+    config_cls, model_cls = register(section["base_model_type"])
     d = src.config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "upcycle"):
         d.pop(key, None)
-    config = cls(**d)
+    config = config_cls(**d)
     config.upcycle = section
-    config.architectures = [upcycled_model_class(section["base_model_type"]).__name__]
+    config.architectures = [model_cls.__name__]
     config.dtype = dtype
     config.save_pretrained(tmp)
 
@@ -292,8 +285,14 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
                                f"({src.config.upcycle.get('source', {}).get('model', 'recorded in its config.json')})")
         if os.path.exists(out) and (os.path.samefile(out, src.path) or str(src.path).startswith(out + os.sep)):
             raise UpcycleError(f"--out {cfg.out} is the source model itself; choose another output directory")
-        spec = arch_for(src.config.model_type)
-        layer_ids = resolve_layer_ids(cfg, spec.num_layers(src.config))
+        model = skeleton(src.config)
+        spec = arch_spec(src.config, model)
+        layer_ids = resolve_layer_ids(cfg, spec.num_layers)
+        for layer in layer_ids:
+            check_layer(spec, model, layer)
+        # The reading of the MLP that reproduces it on real weights, before anything is written.
+        spec = dataclasses.replace(spec, form=resolve_form(src, spec, layer_ids[0], model))
+        del model
         dtype = DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype
         plan = _Plan(src, spec, layer_ids, cfg, dtype)
         for message in routing_scheme(cfg.moe).convert_warnings():

@@ -14,18 +14,20 @@ from torch import nn
 from upcycle.errors import UpcycleError
 from upcycle.models.loader import load_model_and_tokenizer
 from upcycle.moe.block import moe_blocks
+from upcycle.surgery.arch import arch_spec
 from upcycle.train.config import TrainConfig
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    for path in ("model.layers", "gpt_neox.layers", "transformer.h"):
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise UpcycleError(f"cannot find the decoder layers of {type(model).__name__}")
+    """The decoder layers, where the architecture spec (``upcycle.surgery.arch``) finds them."""
+    up = getattr(model.config, "upcycle", None)
+    path = up["layers"] if isinstance(up, dict) and "layers" in up else arch_spec(model.config, model).layers_prefix
+    return model.get_submodule(path)
+
+
+def _mlp_name(model: nn.Module) -> str:
+    up = getattr(model.config, "upcycle", None)
+    return up["mlp_name"] if isinstance(up, dict) and "mlp_name" in up else arch_spec(model.config, model).mlp_name
 
 
 def _residual_dropout_hook(p: float):
@@ -43,10 +45,12 @@ def add_residual_dropout(model: nn.Module, p_max: float) -> list[float]:
     """Dropout on each layer's attention and MLP outputs (the residual branches), rising linearly
     from 0 at the first layer to ``p_max`` at the last, as in LIMA. Returns the per-layer rates."""
     layers = decoder_layers(model)
+    mlp_name = _mlp_name(model)
     n = len(layers)
     rates = [p_max * i / (n - 1) if n > 1 else p_max for i in range(n)]
     for layer, p in zip(layers, rates):
-        branches = [getattr(layer, name) for name in ("self_attn", "attention", "attn", "mlp") if hasattr(layer, name)]
+        attention = [c for c in layer.children() if "attention" in type(c).__name__.lower()]
+        branches = attention + [getattr(layer, mlp_name)]
         if len(branches) != 2:
             raise UpcycleError(f"residual_dropout: cannot find the attention and MLP branches of "
                                f"{type(layer).__name__}")
