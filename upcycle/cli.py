@@ -4,6 +4,7 @@
     upcycle inspect runs/smollm2-moe
     upcycle eval runs/smollm2-moe --text play.txt --baseline
     upcycle generate runs/smollm2-moe --prompt "Hello"
+    upcycle export runs/smollm2-moe --format qwen2_moe --out runs/served
     upcycle train continued_pretraining max_steps=100
     upcycle plot runs/cpt
 """
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 import typing
 import warnings
@@ -22,6 +22,7 @@ import warnings
 from upcycle.config import RoutingName
 from upcycle.errors import UpcycleError
 from upcycle.moe.backends import EXPERT_BACKENDS
+from upcycle.train.commands import add_plot_parser, add_train_parser
 from upcycle.version import __version__
 
 
@@ -276,72 +277,57 @@ def _merge(a) -> None:
     print(f"wrote {r['out']}: {r['merged_modules']} LoRA modules merged into the {kind} base {r['base']}")
 
 
-def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train with a recipe", description=(
-        "Train an upcycled (or dense) model with a recipe: a YAML file or a built-in name. Settings "
-        "override as key=value (dotted for sections: optim.lr=2e-5 data.seq_len=1024). Under torchrun every "
-        "process runs this same command."))
-    p.add_argument("recipe", help="recipe YAML path or built-in name (see --list)", nargs="?")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. max_steps=100 optim.lr=2e-5")
-    p.add_argument("--list", action="store_true", help="list the built-in recipes and exit")
-    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
-    p.set_defaults(func=_train)
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a stock transformers MoE checkpoint (Qwen2-MoE, Mixtral)", description=(
+        "Write an upcycled checkpoint (or a LoRA adapter, merged into its base) as a stock transformers MoE "
+        "model that vLLM, SGLang and plain transformers load without upcycle. What the format cannot express "
+        "exactly is refused before anything is written."))
+    p.add_argument("src", help="upcycled checkpoint dir (e.g. runs/cpt/checkpoints/step-000300) or adapter dir")
+    p.add_argument("--format", default="auto", choices=["auto", "qwen2_moe", "mixtral"],
+                   help="auto: mixtral when every layer is MoE, else qwen2_moe")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored precision (default: source's)")
+    p.add_argument("--max-shard-size", type=_size, default="2GB", help="output shard size (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_export)
 
 
-def _train(a) -> None:
-    from upcycle.train.config import builtin_recipes, load_recipe, recipe_path, to_yaml
+def _export(a) -> None:
+    from upcycle.surgery.export import ExportConfig, export
 
-    if a.list:
-        for name in builtin_recipes():
-            with open(recipe_path(name)) as f:
-                first = f.readline().strip().lstrip("# ")
-            print(f"{name:<24} {first}")
+    r = export(ExportConfig(src=a.src, out=a.out, format=a.format, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                            overwrite=a.overwrite, progress=not a.no_progress))
+    if a.json:
+        print(json.dumps({"out": r.out, "format": r.format, "architecture": r.architecture,
+                          "moe_layers": r.moe_layers, "gigabytes": r.bytes_written / 1e9, "seconds": r.seconds}))
         return
-    if not a.recipe:
-        raise UpcycleError(f"give a recipe: a YAML file or one of {', '.join(builtin_recipes())}")
-    cfg = load_recipe(a.recipe, a.overrides)
-    if a.print_config:
-        print(to_yaml(cfg), end="")
-        return
-    from upcycle.train import train
-
-    s = train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if s["stopped_by"]:
-        again = shlex.join(["upcycle", "train", a.recipe, *[o for o in a.overrides if not o.startswith(("resume=", "overwrite="))],
-                            "resume=auto"])
-        print(f"stopped by {s['stopped_by']} at step {s['steps']}/{s['total_steps']}; checkpoint "
-              f"{s['last_checkpoint']}; continue with: {again}")
-        return
-    ev = s["final_eval"]
-    held_out = f", held-out loss {ev['loss']:.4f} (perplexity {ev['ppl']:.2f})" if ev else ""
-    print(f"trained {s['steps']} steps ({s['tokens']:,} tokens) in {s['train_time_s']:.0f} s{held_out}; "
-          f"checkpoint {s['last_checkpoint']}")
-
-
-def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="plot a training run", description=(
-        "Write PNGs of a run's loss curves and, for MoE models, expert-load heatmaps over the steps."))
-    p.add_argument("run_dir", help="the run directory (the recipe's out)")
-    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
-    p.set_defaults(func=_plot)
-
-
-def _plot(a) -> None:
-    from upcycle.train.plot import plot_run
-
-    for path in plot_run(a.run_dir, a.out):
-        print(f"wrote {path}")
+    print(f"wrote {r.out}: {r.architecture} ({r.format}), MoE layers {','.join(map(str, r.moe_layers))}, "
+          f"{r.bytes_written / 1e9:.2f} GB in {r.seconds:.1f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="upcycle", description="Dense LLM checkpoints -> Mixture-of-Experts.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_convert, _add_inspect, _add_eval, _add_generate, _add_merge, _add_train, _add_plot):
+    for add in (_add_convert, _add_inspect, _add_eval, _add_generate, _add_merge, _add_export, add_train_parser,
+                add_plot_parser):
         add(sub)
     return parser
+
+
+def _say_info_lines() -> None:
+    """The package's info lines (``logging.getLogger("upcycle")``) on stderr, one each, like warnings."""
+    import logging
+
+    log = logging.getLogger("upcycle")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("upcycle: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *[x for x in argv[1:] if x.startswith("-")], *[x for x in argv[1:] if not x.startswith("-")]]
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda msg, *_a, **_k: f"upcycle: warning: {msg}\n"
+    _say_info_lines()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers.utils import logging as hf_logging

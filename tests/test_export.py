@@ -1,0 +1,181 @@
+"""``upcycle export``: a process that never imports upcycle loads the result and gets the same
+logits and greedy tokens (DESIGN.md invariant 4.7); what a format cannot carry is refused.
+
+    python -m pytest -q tests/test_export.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_char_tokenizer, make_dense, needs_smollm2
+from tolerances import REAL_MODEL_FP32, TOLERANCES
+
+import upcycle
+from upcycle import ConvertConfig, MoEConfig
+from upcycle.cli import main
+from upcycle.moe import moe_blocks
+
+F32 = TOLERANCES[torch.float32]
+
+# Runs in a fresh interpreter: transformers alone, and it says so if upcycle got imported anyway.
+STOCK = r"""
+import json, logging, sys, warnings
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+logged = []
+handler = logging.Handler(); handler.emit = lambda r: logged.append(r.getMessage())
+transformers.logging.get_logger().addHandler(handler)
+transformers.logging.set_verbosity_warning()
+path, ids_file, out_file = sys.argv[1:]
+ids = torch.load(ids_file)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+logits = model(input_ids=ids).logits
+greedy = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6,
+                        do_sample=False, pad_token_id=0)
+torch.save({"logits": logits, "greedy": greedy, "class": type(model).__name__,
+            "upcycle_imported": any(m.split(".")[0] in ("upcycle", "upcycle_kernels") for m in sys.modules),
+            "messages": logged + [str(w.message) for w in caught]}, out_file)
+"""
+
+
+def _stock_run(path, ids, tmp_path):
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", STOCK, str(path), str(tmp_path / "ids.pt"), str(tmp_path / "got.pt")],
+                   check=True, env=env, cwd=tmp_path)
+    return torch.load(tmp_path / "got.pt")
+
+
+def _same(src, exported, tmp_path, tol=F32, cls="Qwen2MoeForCausalLM"):
+    ids = torch.randint(5, 110, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = _stock_run(exported, ids, tmp_path)
+    assert not got["upcycle_imported"] and got["class"] == cls
+    # The only message allowed: torch's note on the zero-size shared expert's init.
+    bad = [m for m in got["messages"] if "zero-element" not in m]
+    assert not bad, bad
+    ours = upcycle.load(str(src), experts_backend="loop")
+    torch.testing.assert_close(got["logits"], ours(input_ids=ids).logits, **tol)
+    want = ours.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6,
+                         do_sample=False, pad_token_id=0)
+    assert got["greedy"].tolist() == want.tolist()
+
+
+def _upcycle(tmp_path, name="moe", arch="llama", layers=2, **moe):
+    dense = tmp_path / f"{name}-dense"
+    make_dense(arch, dense)
+    make_char_tokenizer().save_pretrained(dense)
+    upcycle.convert(ConvertConfig(out=str(tmp_path / name), model=str(dense), layers=layers, progress=False,
+                                  moe=MoEConfig(num_experts=4, **moe)))
+    return tmp_path / name
+
+
+def test_fresh_upcycle_to_qwen2_moe(tmp_path, capsys):
+    src = _upcycle(tmp_path)
+    assert main(["export", str(src), "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert "Qwen2MoeForCausalLM (qwen2_moe), MoE layers 2,3" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [0, 1] and cfg["shared_expert_intermediate_size"] == 0
+    assert cfg["norm_topk_prob"] is True and "upcycle" not in cfg
+    assert (tmp_path / "q" / "tokenizer.json").is_file() and "fingerprint" in (tmp_path / "q" / "README.md").read_text()
+    _same(src, tmp_path / "q", tmp_path)
+
+
+def test_trained_upcycle_with_qkv_biases(tmp_path):
+    """A Qwen2 source (q/k/v biases) whose router and experts moved away from the copies."""
+    src = _upcycle(tmp_path, arch="qwen2", normalize_topk=False)
+    model = upcycle.load(str(src))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for block in moe_blocks(model).values():
+            block.router.weight.normal_(0, 0.5)
+            block.experts.down_proj.add_(0.05 * torch.randn_like(block.experts.down_proj))
+    model.save_pretrained(tmp_path / "trained")
+    make_char_tokenizer().save_pretrained(tmp_path / "trained")
+    assert main(["export", str(tmp_path / "trained"), "--format", "qwen2_moe", "--out", str(tmp_path / "q2"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "q2" / "config.json").read_text())["norm_topk_prob"] is False
+    _same(tmp_path / "trained", tmp_path / "q2", tmp_path)
+
+
+def test_lora_adapter_exports_through_its_base(tmp_path):
+    from upcycle.adapters import LoraConfig, apply_lora, merge_command, save_adapter
+
+    src = _upcycle(tmp_path)
+    model = apply_lora(upcycle.load(str(src)), LoraConfig(r=4, train_router=True))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_adapter(model, str(tmp_path / "adapter"), base_path=str(src))
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "moe", "moe-dense", "q"])  # the merge left nothing
+    merge_command(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    _same(tmp_path / "merged", tmp_path / "q", tmp_path)
+
+
+def test_all_moe_model_to_mixtral(tmp_path):
+    src = _upcycle(tmp_path, layers=4)
+    assert main(["export", str(src), "--format", "auto", "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    _same(src, tmp_path / "m", tmp_path, cls="MixtralForCausalLM")
+
+
+@pytest.mark.parametrize("case,fmt,message", [
+    ("expert-choice", "qwen2_moe", "expert-choice routing"),
+    ("gpt_neox", "qwen2_moe", "the dense parts of a gpt_neox model"),
+    ("qwen3", "qwen2_moe", "the dense parts of a qwen3 model"),
+    ("partial", "mixtral", "only layers 2,3 of 4 are MoE (Mixtral has MoE in every layer); qwen2_moe could carry it"),
+    ("no-normalize", "mixtral", "not renormalised (Mixtral always renormalises); qwen2_moe could carry it"),
+    ("head-dim", "qwen2_moe", "a head size of 32 (Qwen2-MoE uses hidden / heads); mixtral could carry it"),
+    ("sliding", "qwen2_moe", "sliding-window attention; mixtral could carry it"),
+    ("dense", "qwen2_moe", "not an upcycled checkpoint"),
+])
+def test_what_a_format_cannot_carry_is_refused(tmp_path, capsys, case, fmt, message):
+    if case == "dense":
+        make_dense("llama", tmp_path / "src")
+        src = tmp_path / "src"
+    else:
+        arch = case if case in ("gpt_neox", "qwen3") else "mistral" if case == "sliding" else "llama"
+        extra = {"head-dim": dict(head_dim=32), "sliding": dict(sliding_window=8)}.get(case, {})
+        moe = dict(routing="expert-choice") if case == "expert-choice" else (
+            dict(normalize_topk=False) if case == "no-normalize" else {})
+        dense = tmp_path / "dense"
+        make_dense(arch, dense, **extra)
+        upcycle.convert(ConvertConfig(out=str(tmp_path / "src"), model=str(dense), progress=False,
+                                      layers=2 if case == "partial" else 4, moe=MoEConfig(num_experts=4, **moe)))
+        src = tmp_path / "src"
+    before = sorted(os.listdir(tmp_path))
+    assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_existing_out_is_refused_unless_overwrite(tmp_path, capsys):
+    src = _upcycle(tmp_path)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "mine.txt").write_text("keep")
+    assert main(["export", str(src), "--out", str(tmp_path / "q"), "--no-progress"]) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "q" / "mine.txt").read_text() == "keep"
+    assert main(["export", str(src), "--out", str(tmp_path / "q"), "--no-progress", "--overwrite"]) == 0
+    assert not (tmp_path / "q" / "mine.txt").exists()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_embedded_smollm2_upcycle_to_qwen2_moe(tmp_path):
+    upcycle.convert(ConvertConfig(out=str(tmp_path / "moe"), layers=6, moe=MoEConfig(num_experts=8), progress=False))
+    assert main(["export", str(tmp_path / "moe"), "--format", "qwen2_moe", "--out", str(tmp_path / "q"),
+                 "--no-progress"]) == 0
+    _same(tmp_path / "moe", tmp_path / "q", tmp_path, tol=REAL_MODEL_FP32)
