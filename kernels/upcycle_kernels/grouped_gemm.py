@@ -61,6 +61,19 @@ def weight_grad_configs():
              (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]]
 
 
+if interpreting():
+    def _loop_bound(n):
+        """A loop bound as a Python int. Triton <= 3.6's interpreter turns a runtime scalar (a
+        [1]-shaped array there) into range()'s bound with int(array), which NumPy >= 2.4
+        refuses ("only 0-dimensional arrays can be converted to Python scalars")."""
+        return n.handle.data.item() if isinstance(n, tl.tensor) else n
+else:
+    @triton.jit
+    def _loop_bound(n):
+        """The identity: inlined, so the compiled loop is the same ``scf.for`` over ``n``."""
+        return n
+
+
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     if WIDEN:
@@ -109,7 +122,7 @@ def up_gather_kernel(
     wu_ptrs = wg_ptrs + F * stride_wm
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
+    for k in range(0, _loop_bound(tl.cdiv(D, BLOCK_K))):
         k_ok = ks < D - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
@@ -164,7 +177,7 @@ def scatter_gemm_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_aa + ks[None, :] * stride_ak
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, _loop_bound(tl.cdiv(K, BLOCK_K))):
         k_ok = ks < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -215,7 +228,7 @@ def dh_gather_kernel(
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + ks * stride_bd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(D, BLOCK_K)):
+    for k in range(0, _loop_bound(tl.cdiv(D, BLOCK_K))):
         k_ok = ks < D - k * BLOCK_K
         dy = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -280,7 +293,7 @@ def weight_grad_kernel(
     m_ok, n_ok = ms < MW, ns < NW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
+    for r0 in range(_loop_bound(start), _loop_bound(end), BLOCK_K):
         rows = tl.arange(0, BLOCK_K).to(tl.int64) + r0  # int64: rows * stride may pass 2**31
         r_okk = rows < end
         if L_GATHER or R_GATHER:
