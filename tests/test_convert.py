@@ -14,6 +14,8 @@ import upcycle
 from upcycle import ConvertConfig, MoEConfig
 from upcycle.moe import moe_blocks, routing_stats
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 
 def _convert(src, out, **kw):
     moe = MoEConfig(**{"num_experts": 4, **kw.pop("moe", {})})

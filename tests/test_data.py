@@ -25,6 +25,8 @@ from upcycle.data import (
 )
 from upcycle.errors import UpcycleError
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

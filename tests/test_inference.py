@@ -12,6 +12,8 @@ from upcycle import ConvertConfig, MoEConfig
 from upcycle.inference import perplexity, routing_table
 from upcycle.moe import RoutingStats
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 
 class ByteTokenizer:
     """Token i = byte value mod 128: enough for windows of real text on a 128-token model."""

@@ -26,6 +26,8 @@ from upcycle import ConvertConfig, MoEConfig
 from upcycle.errors import UpcycleError
 from upcycle.moe import StackedExperts, moe_blocks, resolve_backend, route_expert_choice, route_topk
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 upcycle_kernels = pytest.importorskip("upcycle_kernels", reason="triton is not installed")
 
 CUDA = torch.cuda.is_available()

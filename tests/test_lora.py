@@ -38,7 +38,8 @@ from upcycle.moe import StackedExperts, moe_blocks
 FP32 = TOLERANCES[torch.float32]
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 # PEFT warns that it ignores our adapter_config.json extension section ("upcycle"); that is the point of it.
-pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning"),
+              pytest.mark.oldest]  # also run by make test-oldest, on the minimum versions
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from upcycle.moe import (
     z_loss,
 )
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 F32 = TOLERANCES[torch.float32]
 
 

@@ -34,6 +34,8 @@ from upcycle.adapters.qlora import NF4Linear, NF4StackedExperts, experts_identic
 from upcycle.errors import UpcycleError
 from upcycle.moe import MoEBlock
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 F32 = TOLERANCES[torch.float32]
 
 

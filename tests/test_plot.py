@@ -11,6 +11,8 @@ import pytest
 from upcycle.errors import UpcycleError
 from upcycle.train.plot import plot_run, read_metrics
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

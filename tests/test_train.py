@@ -206,6 +206,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_goes_on(tiny_moe, corpus, tmp_pat
     assert [x["step"] for x in rows(out)] == list(range(1, step + 3))
 
 
+@pytest.mark.oldest
 def test_recipes_validate_and_errors_list_valid_keys(tmp_path):
     assert {"continued_pretraining", "lima_sft", "lora_sft", "qlora_sft"} <= set(builtin_recipes())
     for name in builtin_recipes():
@@ -292,7 +293,7 @@ def sft(model, chats, out, **kw) -> TrainConfig:
     return cfg
 
 
-@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("nf4", [pytest.param(False, marks=pytest.mark.oldest), True])
 def test_lora_sft_saves_adapters_and_resumes_exactly(tiny_moe, chats, tmp_path, nf4, monkeypatch):
     from upcycle.adapters import describe_adapter
 
@@ -315,6 +316,7 @@ def test_lora_sft_saves_adapters_and_resumes_exactly(tiny_moe, chats, tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.oldest
 def test_sft_trains_on_responses_only(tiny_moe, chats, tmp_path, monkeypatch):
     from upcycle.train.trainer import Trainer
 
