@@ -21,6 +21,8 @@ from upcycle.cli import main
 from upcycle.moe import aux_loss, moe_blocks
 from upcycle.surgery.arch import FAMILIES, families_markdown
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 F32 = TOLERANCES[torch.float32]
 FAMILY_IDS = sorted(FAMILIES)
 

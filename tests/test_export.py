@@ -21,6 +21,8 @@ from upcycle import ConvertConfig, MoEConfig
 from upcycle.cli import main
 from upcycle.moe import moe_blocks
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 F32 = TOLERANCES[torch.float32]
 
 # Runs in a fresh interpreter: transformers alone, and it says so if upcycle got imported anyway.

@@ -16,6 +16,8 @@ import upcycle
 from upcycle import ConvertConfig, MoEConfig
 from upcycle.moe import MoEBlock, aux_loss, moe_blocks, routing_stats
 
+pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
+
 F32 = TOLERANCES[torch.float32]
 VOCAB = 128
 
