@@ -63,8 +63,8 @@ def weight_grad_configs():
 
 if interpreting():
     def _loop_bound(n):
-        """A loop bound as a Python int. Triton <= 3.6's interpreter turns a runtime scalar (a
-        [1]-shaped array there) into range()'s bound with int(array), which NumPy >= 2.4
+        """A loop bound as a Python int. Triton 3.6's interpreter (and older ones) turns a runtime
+        scalar, a [1]-shaped array there, into range()'s bound with int(array), which NumPy >= 2.4
         refuses ("only 0-dimensional arrays can be converted to Python scalars")."""
         return n.handle.data.item() if isinstance(n, tl.tensor) else n
 else:
