@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -317,17 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say_info_lines() -> None:
-    """The package's info lines (``logging.getLogger("upcycle")``) on stderr, one each, like warnings."""
-    import logging
+class _StderrLines(logging.Handler):
+    """One ``upcycle: ...`` line per record on the *current* stderr (an in-process caller may swap it)."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"upcycle: {record.getMessage()}", file=sys.stderr)
+
+
+def _say_info_lines() -> None:
+    """The package's info lines (``logging.getLogger("upcycle")``) on stderr, like warnings; records
+    still propagate, so a caller's own logging setup sees them too."""
     log = logging.getLogger("upcycle")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("upcycle: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    if not any(isinstance(h, _StderrLines) for h in log.handlers):
+        log.addHandler(_StderrLines())
+    log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
