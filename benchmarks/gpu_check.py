@@ -123,7 +123,8 @@ def stage_env(st: Stage, ctx: dict) -> None:
     st.data["versions"] = versions
     if ctx["cuda"]:
         p = torch.cuda.get_device_properties(0)
-        st.data["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+        st.data["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+                          "memory_gib": round(p.total_memory / 2**30, 1),
                           "multiprocessors": p.multi_processor_count}
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True) if shutil.which("nvidia-smi") else None
@@ -207,7 +208,8 @@ def stage_speed(st: Stage, ctx: dict) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     # The CPU smoke runs the same code at toy sizes, without triton (its interpreter is no benchmark).
-    T, div, reps, backends = (16384, 1, 5, ["triton", "grouped_mm", "loop"]) if cuda else (32, 16, 1, ["grouped_mm", "loop"])
+    T, div, reps = (16384, 1, 5) if cuda else (32, 16, 1)
+    backends = ["triton", "grouped_mm", "loop"] if cuda else ["grouped_mm", "loop"]
     st.data["setup"] = f"T={T} tokens, {str(dtype).removeprefix('torch.')}, backends {', '.join(backends)}" + (
         "" if cuda else f"; CPU smoke: D, F and E divided by {div}, {div}, 8")
     for name, (D, Fn, E, routing, k) in bench.SHAPES.items():
@@ -298,7 +300,8 @@ def write_report(out: Path, header: dict, stages: list[dict]) -> None:
         if s["rows"]:
             md += [""] + _md_table(s["rows"], COLUMNS.get(s["name"], list(s["rows"][0])))
         if s["data"].get("targets"):
-            md += ["", "Speed targets (issue 9, part 3):", ""] + _md_table(s["data"]["targets"], ["target", "measured", "met"])
+            md += ["", "Speed targets (issue 9, part 3):", ""]
+            md += _md_table(s["data"]["targets"], ["target", "measured", "met"])
         md += [f"* {n}" for n in s["notes"]]
     (out / "gpu-report.md").write_text("\n".join(md) + "\n")
 
@@ -356,7 +359,8 @@ def main(argv=None) -> int:
                 header["commit"] = st.data.get("commit", "?")
             header["seconds"] = time.monotonic() - t_start
             write_report(out, header, records)
-            print(f"   {rec['status']} in {rec['seconds']} s" + (f": {rec['reason']}" if rec["reason"] else ""), flush=True)
+            reason = f": {rec['reason']}" if rec["reason"] else ""
+            print(f"   {rec['status']} in {rec['seconds']} s{reason}", flush=True)
     print(f"report: {out / 'gpu-report.md'}, {out / 'gpu-report.json'}")
     return 1 if any(r["status"] == "failed" for r in records) else 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -90,7 +91,7 @@ def bench_shape(name: str, T: int, D: int, Fn: int, E: int, routing: str, k: int
     mm_ms = _time_ms(lambda: torch.matmul(a, b), reps, cuda)
     dense_tflops = 2 * A * D * Fn / mm_ms / 1e9
     rows.append((name, f"dense matmul ({str(dtype).removeprefix('torch.')})", 3 * mm_ms, dense_tflops, 9 * mm_ms,
-                 dense_tflops, 1.0, 1.0, _peak_mib(lambda: torch.matmul(a, b), cuda)))
+                 dense_tflops, 1.0, 1.0, _peak_mib(functools.partial(torch.matmul, a, b), cuda)))
     del a, b
     torch.manual_seed(0)
     ex = StackedExperts(E, D, Fn, gated=True, activation="silu", dtype=dtype, device=device)

@@ -136,7 +136,8 @@ def _key(kernel: str, constexprs: dict, ptrs: dict, ints: dict) -> tuple:
     """What makes a launch a distinct specialisation, less what only the interpreter or the shape decides
     (BLOCK_M: 16 under the interpreter, from ROW_TILE_HEIGHTS on a GPU; WIDEN; divisibility by 16)."""
     c = {k: v for k, v in constexprs.items() if k not in ("BLOCK_M", "WIDEN", "BLOCK_N", "BLOCK_K")}
-    return kernel, tuple(sorted(c.items())), tuple(sorted(ptrs.items())), tuple(sorted(k for k, v in ints.items() if v == 1))
+    unit = tuple(sorted(k for k, v in ints.items() if v == 1))
+    return kernel, tuple(sorted(c.items())), tuple(sorted(ptrs.items())), unit
 
 
 class _Recorder:
@@ -198,9 +199,10 @@ def test_every_launch_is_in_the_aot_sweeps_domain(monkeypatch):
             upcycle_kernels.moe_experts(x, tok, exp, w, w_in, w_down, activation=act, gated=gated)
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True  # fp32 -> "tf32"
     try:
-        upcycle_kernels.moe_experts(torch.randn(T, D, generator=g), torch.arange(T), torch.randint(0, E, (T,), generator=g),
-                                    torch.rand(T, generator=g), torch.randn(E, 2 * Fn, D, generator=g),
-                                    torch.randn(E, D, Fn, generator=g), activation="silu", gated=True)
+        upcycle_kernels.moe_experts(torch.randn(T, D, generator=g), torch.arange(T),
+                                    torch.randint(0, E, (T,), generator=g), torch.rand(T, generator=g),
+                                    torch.randn(E, 2 * Fn, D, generator=g), torch.randn(E, D, Fn, generator=g),
+                                    activation="silu", gated=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     for dtype in (torch.bfloat16, torch.float32, torch.float16):

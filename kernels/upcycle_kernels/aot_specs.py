@@ -180,7 +180,8 @@ def _nf4(out_dt, double, s):
     absmax = _meta(n // 64, dtype=torch.uint8 if double else torch.float32)
     other = _meta(1, dtype=torch.float32) if double else absmax
     ptrs = dict(packed_ptr=_meta(n // 2, dtype=torch.uint8), absmax_ptr=absmax, absmax2_ptr=other, offset_ptr=other,
-                code4_ptr=_meta(16, dtype=torch.float32), code8_ptr=other if not double else _meta(256, dtype=torch.float32),
+                code4_ptr=_meta(16, dtype=torch.float32),
+                code8_ptr=_meta(256, dtype=torch.float32) if double else other,
                 out_ptr=_meta(n, dtype=out_dt))
     return ptrs, dict(n=n)
 
@@ -192,7 +193,8 @@ def _make(kernel, site, dt, precision, constexprs, ptrs, ints, all_configs, tags
     c = dict(constexprs)
     if precision is not None:
         c.update(PRECISION=precision, WIDEN=False)
-    return Spec(kernel, site, DTYPE_NAMES[dt], tuple(sorted(c.items())), tuple(sorted((k, _ptr(v)) for k, v in ptrs.items())),
+    return Spec(kernel, site, DTYPE_NAMES[dt], tuple(sorted(c.items())),
+                tuple(sorted((k, _ptr(v)) for k, v in ptrs.items())),
                 tuple(sorted(ints.items())), tuple(options), all_configs, tuple(tags))
 
 
