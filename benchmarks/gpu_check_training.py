@@ -175,8 +175,8 @@ def stage_training(st, ctx: dict) -> None:
             if not agree:
                 st.status, st.reason = "failed", f"{recipe}: losses of the two backends disagree ({rel:.2e})"
     st.notes.append("qlora_sft: experts with LoRA take the grouped_mm path under either backend (the fused kernels "
-                    "have no LoRA epilogue yet: upcycle/adapters/lora.py), so its two runs run the same experts code; "
-                    "they measure the NF4 (dequant kernel) + LoRA step, not the triton GEMMs")
+                    "have no LoRA epilogue yet), so its two runs run the same experts code; they measure the NF4 "
+                    "(dequant kernel) + LoRA step, not the triton GEMMs")
     st.notes.append("continued_pretraining under bf16 autocast keeps fp32 master weights, and the triton experts "
                     "compute in the weights' dtype: its triton run times the fp32 (ieee) kernels")
 
