@@ -319,6 +319,11 @@ def main(argv=None) -> int:
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}; valid: {', '.join(STAGES)}")
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its kernels on the CPU
+    # This checkout's code, whatever is installed (the make target says so too; subprocesses inherit it).
+    paths = [str(ROOT), str(ROOT / "kernels")]
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                        if p and p not in paths])
     import torch
 
     out = Path(args.out or os.environ.get("OUT") or ROOT / "runs")
