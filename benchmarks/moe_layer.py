@@ -6,7 +6,8 @@
 Times one ``StackedExperts`` layer (the whole forward of each backend: grouped_mm includes
 its permute and unpermute, triton its sort), forward (under ``torch.no_grad``, as in
 inference) and forward+backward (gradients of x, combine weights and all expert weights),
-routing excluded (assignments are computed once). FLOPs follow DESIGN.md 5: forward 6*A*D*F and
+routing excluded (assignments are computed once). On CUDA it also reports the peak memory
+allocated during one forward+backward, above what was allocated before it (weights, inputs). FLOPs follow DESIGN.md 5: forward 6*A*D*F and
 forward+backward 18*A*D*F for A = T*K assignments (expert choice: K = capacity C). The
 dense reference is ``torch.matmul`` of [A, D] x [D, F] in the same dtype, measured in the
 same run; "x dense" is a backend's TFLOP/s over the dense one's.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import time
@@ -37,6 +39,18 @@ SHAPES = {
     "fine-grained": (2048, 768, 128, "topk", 8),
 }
 CPU_TOKENS, CPU_DIVISOR = 512, 4
+
+
+def _peak_mib(fn, cuda: bool) -> float | None:
+    """MiB allocated at the peak of one call of ``fn``, above what was allocated before it (CUDA only)."""
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _time_ms(fn, reps: int, cuda: bool) -> float:
@@ -77,7 +91,7 @@ def bench_shape(name: str, T: int, D: int, Fn: int, E: int, routing: str, k: int
     mm_ms = _time_ms(lambda: torch.matmul(a, b), reps, cuda)
     dense_tflops = 2 * A * D * Fn / mm_ms / 1e9
     rows.append((name, f"dense matmul ({str(dtype).removeprefix('torch.')})", 3 * mm_ms, dense_tflops, 9 * mm_ms,
-                 dense_tflops, 1.0, 1.0))
+                 dense_tflops, 1.0, 1.0, _peak_mib(functools.partial(torch.matmul, a, b), cuda)))
     del a, b
     torch.manual_seed(0)
     ex = StackedExperts(E, D, Fn, gated=True, activation="silu", dtype=dtype, device=device)
@@ -99,7 +113,10 @@ def bench_shape(name: str, T: int, D: int, Fn: int, E: int, routing: str, k: int
         f_ms = _time_ms(fwd, reps, cuda)
         fb_ms = _time_ms(fwd_bwd, reps, cuda)
         f_tf, fb_tf = flops_fwd / f_ms / 1e9, 3 * flops_fwd / fb_ms / 1e9
-        rows.append((name, backend, f_ms, f_tf, fb_ms, fb_tf, f_tf / dense_tflops, fb_tf / dense_tflops))
+        ex.zero_grad(set_to_none=True)
+        rows.append((name, backend, f_ms, f_tf, fb_ms, fb_tf, f_tf / dense_tflops, fb_tf / dense_tflops,
+                     _peak_mib(fwd_bwd, cuda)))
+    ex.zero_grad(set_to_none=True)
     return rows
 
 
@@ -123,15 +140,15 @@ def main(argv=None) -> None:
     print(f"# T={T} tokens" + ("" if cuda else f"; CPU run: reduced sizes (T={CPU_TOKENS}, D and F divided by "
                                                f"{CPU_DIVISOR}), CPU backends only, fp32 dense reference"))
     print("| shape | D | F | E | K/C | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
-          "| fwd x dense | fwd+bwd x dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fwd x dense | fwd+bwd x dense |" + (" fwd+bwd peak MiB |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for name in args.shapes.split(","):
         D, Fn, E, routing, k = SHAPES[name]
         D, Fn = D // div, Fn // div
         for row in bench_shape(name, T, D, Fn, E, routing, k, backends, dtype, device, args.reps):
-            shape, backend, f_ms, f_tf, fb_ms, fb_tf, f_x, fb_x = row
+            shape, backend, f_ms, f_tf, fb_ms, fb_tf, f_x, fb_x, peak = row
             print(f"| {shape} | {D} | {Fn} | {E} | {k} | {backend} | {f_ms:.2f} | {f_tf:.3f} | {fb_ms:.2f} "
-                  f"| {fb_tf:.3f} | {f_x:.2f} | {fb_x:.2f} |", flush=True)
+                  f"| {fb_tf:.3f} | {f_x:.2f} | {fb_x:.2f} |" + (f" {peak:.0f} |" if cuda else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,16 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, with the reason, on machines without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def make_dense(arch: str, path=None, seed: int = 0, dtype=torch.float32, **overrides):
     """A tiny random dense model (and, with ``path``, saved there as safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -4,7 +4,8 @@
 
 Without a GPU the kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
 conftest.py before triton is imported), so shapes stay tiny. With CUDA the same tests run
-the compiled kernels, plus the ``test_gpu_*`` ones at realistic sizes.
+the compiled kernels, plus the ``test_gpu_*`` ones at realistic sizes (marked ``cuda``:
+``pytest -m cuda`` runs just those).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ upcycle_kernels = pytest.importorskip("upcycle_kernels", reason="triton is not i
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.cuda  # skipped without a GPU (conftest.py); selected by pytest -m cuda
 F32 = TOLERANCES[torch.float32]
 
 

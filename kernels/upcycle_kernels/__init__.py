@@ -17,7 +17,7 @@ To run the kernels without a GPU set ``TRITON_INTERPRET=1`` before triton is imp
 
 from upcycle_kernels.activations import ACTIVATIONS, activation_code
 from upcycle_kernels.autograd import SUPPORTED_DTYPES, MoEExpertsFunction, expert_offsets, moe_experts, unsupported
-from upcycle_kernels.grouped_gemm import interpreting
+from upcycle_kernels.tuning import interpreting
 
 __all__ = [
     "ACTIVATIONS",

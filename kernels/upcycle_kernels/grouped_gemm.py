@@ -19,46 +19,15 @@ Shape legend:
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
 from upcycle_kernels.activations import act_fwd, act_fwd_bwd
+from upcycle_kernels.tuning import fitting_configs, row_tiled_configs, weight_grad_configs
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# ------------------------------------------------------------------ autotune configs
-# Keyed on the problem shape (each kernel's ``key``). Under the interpreter there is exactly
-# one small config: autotuning there would time meaningless CPU runs of every config.
-
-
-def _cfg(bn, bk, warps, stages, bm=None):
-    meta = {"BLOCK_N": bn, "BLOCK_K": bk}
-    if bm is not None:
-        meta["BLOCK_M"] = bm
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
-
-
-def row_tiled_configs():
-    """Configs for the row-tiled kernels; BLOCK_M is fixed by the launcher's tile schedule."""
-    if interpreting():
-        return [_cfg(32, 32, 1, 1)]
-    return [_cfg(bn, bk, w, s) for bn, bk, w, s in
-            [(64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4)]]
-
-
-def weight_grad_configs():
-    """Configs for the per-expert ``L^T R`` kernel (BLOCK_K runs over the expert's rows)."""
-    if interpreting():
-        return [_cfg(32, 16, 1, 1, bm=32)]
-    return [_cfg(bn, bk, w, s, bm=bm) for bm, bn, bk, w, s in
-            [(64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3),
-             (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]]
+# Autotuning: configs and launch-time pruning live in tuning.py. Each kernel's ``key`` holds the
+# shapes and constexprs that change which config wins or fits (PRECISION: tf32 runs on tensor
+# cores with one more pipeline stage in flight than ieee fp32, so it takes more shared memory).
 
 
 if interpreting():
@@ -96,7 +65,8 @@ def _row_tile(tile_expert_ptr, tile_row_ptr, offs_ptr, BLOCK_M: tl.constexpr):
 # ------------------------------------------------------------------ forward: up projection
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED"])
+@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION"],
+                 prune_configs_by=fitting_configs("up"))
 @triton.jit
 def up_gather_kernel(
     x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, z_ptr,
@@ -152,7 +122,8 @@ def up_gather_kernel(
 # ------------------------------------------------------------------ grouped GEMM + weighted scatter-add
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["N", "K", "BLOCK_M"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=row_tiled_configs(), key=["N", "K", "BLOCK_M", "PRECISION"], reset_to_zero=["out_ptr"],
+                 prune_configs_by=fitting_configs("scatter"))
 @triton.jit
 def scatter_gemm_kernel(
     a_ptr, tok_ptr, scale_ptr, w_ptr, b_ptr, out_ptr,
@@ -197,7 +168,9 @@ def scatter_gemm_kernel(
 # ------------------------------------------------------------------ backward: through w_down and the activation
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED"], reset_to_zero=["dscale_ptr"])
+@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION"],
+                 reset_to_zero=["dscale_ptr"],
+                 prune_configs_by=fitting_configs("dh"))
 @triton.jit
 def dh_gather_kernel(
     dy_ptr, tok_ptr, scale_ptr, w_ptr, b_ptr, z_ptr, dz_ptr, dscale_ptr,
@@ -266,7 +239,8 @@ def dh_gather_kernel(
 # ------------------------------------------------------------------ backward: weight gradients
 
 
-@triton.autotune(configs=weight_grad_configs(), key=["MW", "NW"])
+@triton.autotune(configs=weight_grad_configs(), key=["MW", "NW", "PRECISION"],
+                 prune_configs_by=fitting_configs("weight_grad"))
 @triton.jit
 def weight_grad_kernel(
     l_ptr, r_ptr, tok_ptr, scale_ptr, offs_ptr, dw_ptr, db_ptr,

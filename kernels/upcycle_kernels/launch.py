@@ -14,6 +14,10 @@ import torch
 from torch import Tensor
 
 from upcycle_kernels import grouped_gemm as gg
+from upcycle_kernels.tuning import interpreting
+
+ROW_TILE_HEIGHTS = (64, 128)
+"""The BLOCK_M values ``block_m`` picks on a GPU (the AOT sweep compiles each)."""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -22,10 +26,11 @@ def _cdiv(a: int, b: int) -> int:
 
 def block_m(num_rows: int, num_experts: int) -> int:
     """Rows per tile of the row-tiled kernels: a fixed choice (the schedule depends on it)."""
-    if gg.interpreting():
+    if interpreting():
         return 16
+    short, tall = ROW_TILE_HEIGHTS
     # Tall tiles amortise weight loads; short ones waste less on small experts' ragged ends.
-    return 128 if num_rows >= 256 * max(num_experts, 1) else 64
+    return tall if num_rows >= 256 * max(num_experts, 1) else short
 
 
 def tile_schedule(offs_E1: Tensor, block: int, num_rows: int, equal_rows: int | None = None):
@@ -53,18 +58,23 @@ def tile_schedule(offs_E1: Tensor, block: int, num_rows: int, equal_rows: int | 
     return torch.where(valid, e, -1).to(torch.int32), torch.where(valid, row, 0).to(torch.int32)
 
 
+def precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """Every ``tl.dot`` input precision the launchers may pass for operands of ``dtype``."""
+    return ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's own matmul setting, so "fp32" means what it means in torch.
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _common(dtype: torch.dtype) -> dict:
-    return dict(PRECISION=_precision(dtype), WIDEN=gg.interpreting())
+    return dict(PRECISION=_precision(dtype), WIDEN=interpreting())
 
 
 def check_device(*tensors: Tensor) -> None:
     for t in tensors:
-        if t is not None and t.device.type != "cuda" and not gg.interpreting():
+        if t is not None and t.device.type != "cuda" and not interpreting():
             raise RuntimeError(f"the triton experts kernels need CUDA tensors (or TRITON_INTERPRET=1 "
                                f"to run them slowly on the CPU), got a tensor on {t.device}")
 

@@ -22,9 +22,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from upcycle_kernels.grouped_gemm import interpreting
+from upcycle_kernels.tuning import interpreting
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEQUANT_BLOCK = 1024
+"""Output elements per program."""
 
 
 @triton.jit
@@ -85,9 +87,8 @@ def dequantize_nf4_triton(packed: Tensor, absmax: Tensor, absmax2: Tensor | None
     absmax2 = absmax2 if double else absmax
     offset = offset if double else absmax
     code8 = code8 if double else code4
-    BLOCK = 1024
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = (triton.cdiv(n, DEQUANT_BLOCK),)
     nf4_dequant_kernel[grid](packed.contiguous(), absmax.contiguous(), absmax2.contiguous(), offset, code4, code8,
                              out, n, BLOCKSIZE=blocksize, DQ_BLOCKSIZE=dq_blocksize, DOUBLE_QUANT=double,
-                             BLOCK=BLOCK, enable_fp_fusion=False)
+                             BLOCK=DEQUANT_BLOCK, enable_fp_fusion=False)
     return out

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
 
 from upcycle.errors import UpcycleError
 
@@ -24,6 +24,9 @@ from .config import DataConfig
 from .curate import curate, normalise, prompt_text, quality_filter
 from .corpora import load_chat, load_text
 from .text import pack_documents
+
+if TYPE_CHECKING:  # datasets: imported where rows are built (see text.py)
+    from datasets import Dataset
 
 
 def _n_eval(n: int, fraction: float) -> int:

@@ -12,12 +12,15 @@ template that breaks that (e.g. rewrites earlier turns) is an error, not a silen
 
 from __future__ import annotations
 
-from datasets import Dataset
+from typing import TYPE_CHECKING
 
 from upcycle.errors import UpcycleError
 from upcycle.io import one_line
 
 from .text import IGNORE_INDEX
+
+if TYPE_CHECKING:  # datasets: imported where rows are built (see text.py)
+    from datasets import Dataset
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -101,6 +104,8 @@ def encode_chats(pool: list[dict], tokenizer, seq_len: int, *, train_on_prompt: 
         raise UpcycleError("no conversations to encode")
     if not getattr(tokenizer, "chat_template", None):
         raise UpcycleError("the tokenizer has no chat template; chat data needs one (or use data.kind: text)")
+    from datasets import Dataset
+
     messages = Dataset.from_dict({"messages": [
         [{"role": m["role"], "content": m["content"]} for m in ex["messages"]] for ex in pool]})
     encoded = messages.map(

@@ -16,14 +16,17 @@ import glob
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import yaml
 
 from upcycle.errors import UpcycleError
 from upcycle.io import one_line
 
 from .config import DataConfig
+
+if TYPE_CHECKING:  # datasets: imported where rows are built (see text.py)
+    import datasets
 
 BUILTINS: dict[str, str] = {"shakespeare": "text", "chatterbot": "chat", "chitchat": "chat", "dialogue": "chat"}
 """Built-in dataset name -> the ``data.kind`` it provides."""
@@ -142,6 +145,8 @@ def _read_files(spec: str, files: list[Path], kind: str, text_column: str) -> da
         raise UpcycleError(f"{spec}: chat data needs .jsonl/.json/.parquet rows with messages or prompt/response")
     # A .txt file is one document, not one line per example.
     extra = {"sample_by": "document"} if builder == "text" else {}
+    import datasets
+
     try:
         ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **extra)
     except Exception as exc:  # malformed JSON, wrong parquet, unreadable file: one line
@@ -151,6 +156,8 @@ def _read_files(spec: str, files: list[Path], kind: str, text_column: str) -> da
 
 
 def _hub(spec: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    import datasets
+
     try:
         splits = datasets.load_dataset(spec)
     except Exception as exc:  # offline, no such dataset, gated: the user needs the same line
@@ -183,6 +190,8 @@ def load_text(spec: str, cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Da
     """
     if spec in BUILTINS:
         _check_builtin_kind(spec, "text")
+        import datasets
+
         return tuple(datasets.Dataset.from_dict({"text": [p.read_text(encoding="utf-8") for p in paths]})
                      for paths in shakespeare_files())
     train, heldout = _load_raw(spec, cfg)

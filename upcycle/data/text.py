@@ -10,12 +10,18 @@ BOS) and followed by EOS; the documents are concatenated and cut into sequences 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset
 
 from upcycle.errors import UpcycleError
+
+# ``datasets`` is imported where rows are built, not here: importing the package (and the
+# training engine) must work without it, as on a GPU machine that lacks it (benchmarks/gpu_check.py).
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 IGNORE_INDEX = -100
 """Label of positions without a loss (prompt and padding), as in torch / transformers."""
@@ -31,6 +37,8 @@ def _encode(batch: dict, tokenizer, eos: int) -> dict:
 def _sequences(flat: np.ndarray, seq_len: int) -> Dataset:
     """``flat`` cut into rows of seq_len (the last one shorter); labels = input_ids."""
     offsets = np.append(np.arange(0, len(flat), seq_len), len(flat)).astype(np.int32)
+    from datasets import Dataset
+
     rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32)))
     # labels = input_ids: the model shifts them by one internally (transformers convention).
     return Dataset(pa.table({"input_ids": rows, "labels": rows}))
