@@ -454,3 +454,19 @@ def test_bad_backends_fail_clearly():
         block(torch.randn(2, 3, 8))
     with pytest.raises(UpcycleError, match="top_k"):
         route_topk(torch.randn(4, 3), top_k=4)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_experts_compute_in_the_autocast_dtype(backend):
+    # Master weights stay fp32; under autocast the experts run in bf16, as autocast's own matmuls do.
+    import copy
+
+    ex = _experts(4, 16, 24, True, True, backend=backend)
+    x = torch.randn(9, 16, requires_grad=True)
+    tok, exp, w = _random_assignments(9, 4, 18, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ex(x, tok, exp, w)
+    as_bf16 = copy.deepcopy(ex).to(torch.bfloat16)
+    assert torch.equal(y, as_bf16(x, tok, exp, w))
+    y.float().sum().backward()
+    assert ex.down_proj.grad.dtype == torch.float32 and ex.down_proj.grad.abs().sum() > 0

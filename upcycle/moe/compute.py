@@ -73,6 +73,7 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
     the assignments come grouped by expert in expert order, A/E each (expert-choice
     routing); the triton kernels then skip their sort. Not checked.
     """
+    weights, lowrank = _autocast(x_TD, weights, lowrank)
     if backend == "triton" and lowrank is not None:
         w = weights.w_in_EMD
         backend = "loop" if grouped_mm_unsupported(w.dtype, w.shape[-1], weights.w_down_EDF.shape[-1]) else "grouped_mm"
@@ -92,6 +93,26 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
 
     run = {"loop": _forward_loop, "grouped_mm": _forward_grouped_mm}[backend]
     return run(x_TD, token_idx_A, expert_idx_A, weight_A, weights, activate, lowrank)
+
+
+def _autocast(x_TD: Tensor, weights: ExpertWeights, lowrank: LowRank | None):
+    """Under autocast, the experts compute in its dtype as its matmuls do (bf16 on a GPU): the
+    custom kernels and grouped_mm are not on autocast's lists, so without this they would run
+    in the fp32 of the master weights. The casts are differentiable: gradients reach the masters."""
+    device = x_TD.device.type
+    if not torch.is_autocast_enabled(device):
+        return weights, lowrank
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    weights = ExpertWeights(cast(weights.w_in_EMD), cast(weights.w_down_EDF), cast(weights.b_in_EM),
+                            cast(weights.b_down_ED))
+    if lowrank is not None:
+        lowrank = LowRank(cast(lowrank.a_in_ERD), cast(lowrank.b_in_EMR), cast(lowrank.a_down_ERF),
+                          cast(lowrank.b_down_EDR), lowrank.scaling, lowrank.dropout)
+    return weights, lowrank
 
 
 def sort_by_expert(token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, num_experts: int):
