@@ -10,7 +10,7 @@ recording costs no device sync).
 
 Padding: a block routes only the real tokens of a batch. The model's forward hands each
 block the attention mask of the current call (``token_mask``, set by the hook that
-``use_attention_mask`` installs on the decoder; it is an attribute of this model's blocks,
+``use_attention_mask`` installs on the model; it is an attribute of this model's blocks,
 not a global). It stays set after the forward, because activation checkpointing runs the
 blocks again during backward and must route exactly as the forward did.
 
@@ -21,6 +21,7 @@ Shape legend:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -162,17 +163,16 @@ def set_experts_backend(model: nn.Module, name: str) -> None:
         block.set_backend(name)
 
 
-def use_attention_mask(decoder: nn.Module) -> None:
-    """Make ``decoder``'s forward hand its 2-D attention mask to every MoE block inside it.
+def use_attention_mask(model: nn.Module) -> None:
+    """Make ``model``'s forward hand its 2-D attention mask to every MoE block inside it.
 
-    ``decoder``: the module whose forward takes ``attention_mask`` and ``input_ids`` /
-    ``inputs_embeds`` (e.g. a ``LlamaModel``). With a KV cache the mask covers past and
+    ``model``: the module whose forward takes ``attention_mask`` and ``input_ids`` /
+    ``inputs_embeds`` (the causal LM itself: the mask it gets is the user's 2-D one, before
+    any model turns it into 4-D or per-layer masks). With a KV cache the mask covers past and
     current tokens; the blocks get the current ones (its last S columns). A batch without
     padding (no mask, or all ones) is routed exactly as before (mask None).
     """
-    import inspect
-
-    params = list(inspect.signature(decoder.forward).parameters)
+    params = list(inspect.signature(model.forward).parameters)
 
     def argument(name: str, args, kwargs):
         if name in kwargs:
@@ -191,4 +191,4 @@ def use_attention_mask(decoder: nn.Module) -> None:
         for block in moe_blocks(module).values():
             block.token_mask = token_mask
 
-    decoder.register_forward_pre_hook(hand_over, with_kwargs=True)
+    model.register_forward_pre_hook(hand_over, with_kwargs=True)
