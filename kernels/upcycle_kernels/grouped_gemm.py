@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from upcycle_kernels.activations import act_fwd, act_fwd_bwd
-from upcycle_kernels.tuning import fitting_configs, row_tiled_configs, weight_grad_configs
+from upcycle_kernels.tuning import fitting_configs, interpreting, row_tiled_configs, weight_grad_configs
 
 # Autotuning: configs and launch-time pruning live in tuning.py. Each kernel's ``key`` holds the
 # shapes and constexprs that change which config wins or fits (PRECISION: tf32 runs on tensor
