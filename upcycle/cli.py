@@ -46,6 +46,15 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
+def _add_output_flags(p) -> None:
+    """What every command that writes a checkpoint takes (convert, export)."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored precision (default: source's)")
+    p.add_argument("--max-shard-size", type=_size, default="2GB", help="output shard size (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="turn dense MLPs into MoE layers", description=(
         "Turn the last N (or chosen) dense MLPs of a checkpoint into E-expert MoE layers: every expert a "
@@ -71,11 +80,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--reinit-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of FFN units re-drawn")
     p.add_argument("--router-std", type=float, default=0.02, help="router init std (default 0.02)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored precision (default: source's)")
-    p.add_argument("--max-shard-size", type=_size, default="2GB", help="output shard size (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_output_flags(p)
     p.set_defaults(func=_convert)
 
 
@@ -287,11 +292,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "qwen2_moe", "mixtral"],
                    help="auto: mixtral when every layer is MoE, else qwen2_moe")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored precision (default: source's)")
-    p.add_argument("--max-shard-size", type=_size, default="2GB", help="output shard size (default 2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_output_flags(p)
     p.set_defaults(func=_export)
 
 
