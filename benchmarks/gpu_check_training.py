@@ -117,6 +117,8 @@ def _train_run(recipe: str, model: str, out: Path, backend: str, ctx: dict) -> d
                  f"micro_batch_size={micro}", f"data.seq_len={seq}", f"experts_backend={backend}",
                  f"precision={'bf16' if cuda else 'fp32'}", f"device={'cuda' if cuda else 'cpu'}", "progress=false",
                  "tensorboard=false", "overwrite=true"]
+    if not _has_bitsandbytes():  # qlora_sft's paged 8-bit AdamW needs it; the GPU machine may lack it
+        overrides.append("optim.name=adamw")
     vocab = 256 if smoke else 49152
     if cuda:
         torch.cuda.empty_cache()
@@ -174,11 +176,19 @@ def stage_training(st, ctx: dict) -> None:
                             f"{len(a)} steps {rel:.2e} ({'agree' if agree else 'DISAGREE'}, bound 2e-2)")
             if not agree:
                 st.status, st.reason = "failed", f"{recipe}: losses of the two backends disagree ({rel:.2e})"
+    st.notes.append("qlora_sft optimizer: " + ("the recipe's paged_adamw_8bit (bitsandbytes)" if _has_bitsandbytes()
+                    else "adamw (bitsandbytes is not installed here; the recipe asks for paged_adamw_8bit)"))
     st.notes.append("qlora_sft: experts with LoRA take the grouped_mm path under either backend (the fused kernels "
                     "have no LoRA epilogue yet), so its two runs run the same experts code; they measure the NF4 "
                     "(dequant kernel) + LoRA step, not the triton GEMMs")
     st.notes.append("continued_pretraining under bf16 autocast keeps fp32 master weights, and the triton experts "
                     "compute in the weights' dtype: its triton run times the fp32 (ieee) kernels")
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _one_line(e: BaseException) -> str:

@@ -89,3 +89,52 @@ def test_residual_dropout_rises_over_layers_and_is_off_in_eval():
     a = model(x).logits
     torch.manual_seed(1)
     assert not torch.equal(a, model(x).logits)
+
+
+# ---------------------------------------------------------------- bitsandbytes optimizers (the qlora extra)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw", "paged_adamw_8bit"])
+def test_bitsandbytes_optimizers_take_the_same_groups(name):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+    from upcycle.train.optim import optimizer_state_bytes
+
+    cfg = OptimConfig(name=name, lr=1e-4, router_lr=1e-3, experts_lr=5e-5, weight_decay=0.1, betas=[0.8, 0.9],
+                      eps=1e-6)
+    torch.manual_seed(0)
+    model = _tiny_moe_model()
+    opt = build_optimizer(model, cfg)
+    ref = build_optimizer(model, OptimConfig(**{**cfg.__dict__, "name": "adamw"}))
+    assert type(opt).__module__.startswith("bitsandbytes")
+    keys = ("name", "lr", "initial_lr", "weight_decay")
+    assert [{k: g[k] for k in keys} for g in opt.param_groups] == [{k: g[k] for k in keys} for g in ref.param_groups]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in opt.param_groups)
+    x = torch.randint(0, 128, (2, 16))
+    model(x, labels=x).loss.backward()
+    for o in (opt, ref):
+        o.step()
+    experts = model.model.layers[3].mlp.experts.gate_up_proj  # 4 x 256 x 64: past bitsandbytes' 4,096-element floor
+    state = opt.state[experts]
+    if name.endswith("8bit"):
+        assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+        # Both moments in 8 bits plus their block constants: little more than a quarter of AdamW's fp32 pair.
+        ratio = optimizer_state_bytes(opt) / optimizer_state_bytes(ref)
+        assert 0.25 < ratio < 0.35, ratio  # the tiny model's small tensors (< 4,096 elements) keep fp32 moments
+    else:
+        assert state["state1"].dtype == torch.float32
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from upcycle.errors import UpcycleError
+    from upcycle.train.optim import check_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    check_optimizer("adamw")  # torch's: needs nothing
+    with pytest.raises(UpcycleError, match=r"^optim.name=paged_adamw_8bit needs bitsandbytes, which is not "
+                                           r"installed: pip install 'upcycle\[qlora\]'") as e:
+        check_optimizer("paged_adamw_8bit")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UpcycleError, match="nothing to train"):  # frozen model: that error first
+        build_optimizer(make_dense("llama").requires_grad_(False), OptimConfig(name="adamw_8bit"))

@@ -132,6 +132,33 @@ def test_resume_continues_the_same_loss_curve_bit_for_bit(tiny_moe, corpus, tmp_
         train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", seed=1, **kw))
 
 
+def test_8bit_adamw_checkpoints_resume_bit_for_bit_and_another_optimizer_is_refused(tiny_moe, corpus, tmp_path,
+                                                                                       monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
+    kw = dict(max_steps=4, optim__name="adamw_8bit")
+    train(recipe(tiny_moe, corpus, tmp_path / "a", **kw))
+    stop_after(monkeypatch, 2)
+    train(recipe(tiny_moe, corpus, tmp_path / "b", **kw))
+    monkeypatch.undo()
+    train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", **kw))
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    last = tmp_path / "b" / "checkpoints" / "step-000004"
+    wa, wb = _weights(tmp_path / "a" / "checkpoints" / "step-000004"), _weights(last)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The checkpoint holds the 8-bit moments themselves (the experts are past bitsandbytes' 4,096-element floor).
+    state = torch.load(last / "optimizer.pt", weights_only=True)["state"]
+    experts = [s for k, s in state.items() if k.endswith("experts.gate_up_proj")]
+    assert len(experts) == 2
+    for s in experts:
+        q = next(v for v in s.values() if isinstance(v, dict))  # bitsandbytes nests its quantised state
+        assert q["state1"].dtype == q["state2"].dtype == torch.uint8 and "absmax1" in q
+    with pytest.raises(UpcycleError, match=r"^cannot resume from .*step-000004: its optimizer state is adamw_8bit's "
+                                           r"and the recipe asks for adamw .*optim.name=adamw_8bit"):
+        train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", max_steps=5))
+
+
 def test_out_dir_holding_a_run_is_refused(tiny_moe, corpus, tmp_path):
     train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=1))
     with pytest.raises(UpcycleError, match="holds a run already"):
@@ -219,7 +246,7 @@ def test_recipes_validate_and_errors_list_valid_keys(tmp_path):
     assert (cfg.optim.lr, cfg.max_steps, cfg.data.eval) == (2e-5, 7, None)
     assert load_recipe("lora_sft", ["max_steps=20"]).epochs is None  # one replaces the recipe's other
     assert parse_value("1e-4") == 1e-4 and parse_value("3") == 3 and parse_value("[a, b]") == ["a", "b"]
-    with pytest.raises(UpcycleError, match="unknown key.*lrate.*valid keys: lr, router_lr"):
+    with pytest.raises(UpcycleError, match="unknown key.*lrate.*valid keys: name, lr, router_lr"):
         load_recipe("continued_pretraining", ["optim.lrate=1"])
     with pytest.raises(UpcycleError, match="recipe.max_steps: expected"):
         load_recipe("continued_pretraining", ["max_steps=many"])

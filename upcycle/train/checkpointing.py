@@ -4,7 +4,8 @@
                                    ``upcycle eval`` / ``upcycle.load`` read it as is), or
                                    adapter_config.json + adapter_model.safetensors;
                                    trainer_state.pt: step, scheduler, RNG, recipe, log window;
-                                   optimizer.pt: AdamW's state (newest checkpoint only)
+                                   optimizer.pt: the optimizer's state (newest checkpoint only;
+                                   8-bit AdamW's quantised moments as they are)
     out/checkpoints/last -> step-000200
 
 Written to a temporary directory and renamed when complete (``upcycle.io.atomic_dir``), so a
@@ -90,6 +91,12 @@ def check_compatible(state: dict, cfg, path: str) -> None:
     if changed:
         raise UpcycleError(f"cannot resume from {path}: the recipe changed {', '.join(changed)} since it was "
                            "saved (those decide what each step trains on); start a new run with another out=")
+    # Checkpoints from before optim.name were written by torch's AdamW.
+    was, now = (old.get("optim") or {}).get("name", "adamw"), cfg.optim.name
+    if was != now:
+        raise UpcycleError(f"cannot resume from {path}: its optimizer state is {was}'s and the recipe asks for {now} "
+                           f"(their states do not convert); resume with optim.name={was}, or start a new run with "
+                           "another out=")
 
 
 def check_adapter_base(path: str, fingerprint: str | None) -> None:

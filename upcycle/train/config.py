@@ -26,10 +26,20 @@ from upcycle.data.config import DataConfig
 from upcycle.errors import UpcycleError
 
 
+OptimizerName = Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+"""``optim.name`` values (``upcycle.train.optim.OPTIMIZERS`` builds each)."""
+
+
 @dataclass
 class OptimConfig:
-    """AdamW, with its own learning rate for each kind of parameter."""
+    """AdamW (fp32 state, or bitsandbytes' 8-bit / paged), with its own learning rate for each kind of parameter."""
 
+    name: OptimizerName = "adamw"
+    """``adamw``: torch's AdamW, fp32 state. ``adamw_8bit``: bitsandbytes' AdamW8bit (block-wise
+    8-bit state, about a quarter of the memory; tensors under 4,096 elements keep fp32 state).
+    ``paged_adamw`` / ``paged_adamw_8bit``: the same with the state in CUDA unified memory,
+    paged to the CPU under memory pressure (QLoRA's paged optimizers); on the CPU bitsandbytes
+    runs them unpaged. All but ``adamw`` need bitsandbytes (``pip install 'upcycle[qlora]'``)."""
     lr: float = 1e-4
     """Peak learning rate of the parameters no other group claims (attention, norms, embeddings, dense MLPs)."""
     router_lr: float | None = None

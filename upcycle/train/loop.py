@@ -8,6 +8,7 @@ import time
 from tqdm.auto import tqdm
 
 from upcycle.io import write_json
+from upcycle.train.optim import describe_optimizer
 
 
 def _window(saved: dict | None = None) -> dict:
@@ -107,6 +108,7 @@ def _announce(t) -> None:
              f"MoE layers: {t.model_info['moe_layers']}"]
     if "trainable" in t.model_info:
         lines.append(t.model_info["trainable"])
+    lines.append(describe_optimizer(cfg.optim.name, t.d.device))
     for line in lines:
         tqdm.write(line)
     write_json(os.path.join(cfg.out, "data.json"), rep)

@@ -34,7 +34,7 @@ from upcycle.train import distributed
 from upcycle.train.config import TrainConfig, to_yaml
 from upcycle.train.loop import run_loop
 from upcycle.train.model import build_model
-from upcycle.train.optim import build_optimizer, build_scheduler
+from upcycle.train.optim import build_optimizer, build_scheduler, check_optimizer, describe_optimizer
 from upcycle.train.telemetry import MetricsWriter, RoutingTelemetry
 
 
@@ -97,6 +97,10 @@ class Trainer:
         d = self.d
         if d.enabled and cfg.distributed == "fsdp" and cfg.lora is not None:
             raise UpcycleError("distributed: fsdp with lora is not supported; use ddp (only the adapter is trained)")
+        if d.enabled and cfg.distributed == "fsdp" and cfg.optim.name != "adamw":
+            raise UpcycleError(f"distributed: fsdp with optim.name={cfg.optim.name} is not supported (bitsandbytes' "
+                               "optimizers do not step sharded parameters); use ddp, or optim.name=adamw")
+        check_optimizer(cfg.optim.name)  # a missing bitsandbytes fails before anything is loaded
         micro_per_step = cfg.batch_size // cfg.micro_batch_size
         if micro_per_step % d.world:
             raise UpcycleError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
