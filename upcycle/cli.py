@@ -136,6 +136,7 @@ def _add_inspect(sub) -> None:
 
 
 def _inspect(a) -> None:
+    from upcycle.models.esft import describe_esft, is_esft_dir
     from upcycle.models.upcycled import describe
 
     if not os.path.exists(a.path):
@@ -146,6 +147,8 @@ def _inspect(a) -> None:
         from upcycle.adapters import describe_adapter
 
         info = describe_adapter(a.path)
+    elif is_esft_dir(a.path):
+        info = describe_esft(a.path)
     else:
         info = describe(a.path)
     if a.json:
@@ -262,10 +265,12 @@ def _generate(a) -> None:
 
 
 def _add_merge(sub) -> None:
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model", description=(
+    p = sub.add_parser("merge", help="merge a LoRA adapter (or an ESFT checkpoint) into its base model", description=(
         "Fold a LoRA adapter into its base model and write a full checkpoint (an upcycled base gives an "
-        "upcycled checkpoint). The base is the one the adapter records unless --base is given."))
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+        "upcycled checkpoint); an ESFT checkpoint (a run that trained a subset of the experts) has its "
+        "experts written back into the base. The base is the one recorded unless --base is given."))
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors), or an "
+                                   "ESFT checkpoint (esft_config.json + esft_model.safetensors)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -280,6 +285,10 @@ def _merge(a) -> None:
         print(json.dumps(r))
         return
     kind = "upcycled" if r["upcycled"] else "dense"
+    if "merged_experts" in r:
+        print(f"wrote {r['out']}: {r['merged_experts']} trained experts of {r['merged_modules']} MoE layers "
+              f"written into the base {r['base']}")
+        return
     print(f"wrote {r['out']}: {r['merged_modules']} LoRA modules merged into the {kind} base {r['base']}")
 
 

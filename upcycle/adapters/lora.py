@@ -127,6 +127,10 @@ class LoraExperts(nn.Module):
 
     The base (any ``ExpertsBase`` storage: plain, shared, NF4) runs its usual forward with
     these as low-rank deltas (``upcycle.moe.compute``): one code path for every backend.
+
+    Expert-specialised fine-tuning (``keep_experts(ids)``): only experts ``ids`` keep an
+    adapter; the parameters shrink to their k rows ([k, r, D] ...) and the forward hands the
+    base [E, ...] deltas that are zero for every other expert (built per forward: r-sized, cheap).
     """
 
     def __init__(self, base: ExpertsBase, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -144,7 +148,36 @@ class LoraExperts(nn.Module):
         self.lora_B_down = nn.Parameter(torch.empty(E, D, r, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.expert_ids: list[int] | None = None
+        """The experts that have an adapter, in the parameters' row order (None: all E)."""
         self.reset_lora_parameters()
+
+    @property
+    def num_adapted(self) -> int:
+        """Experts with an adapter: rows of the LoRA parameters (E unless ``keep_experts`` was called)."""
+        return self.lora_A_in.shape[0]
+
+    def keep_experts(self, expert_ids) -> None:
+        """Keep the adapters of experts ``expert_ids`` only (their current values); the others' deltas are 0."""
+        from upcycle.moe.subset import check_expert_ids
+
+        if self.merged:
+            raise UpcycleError("cannot restrict a merged expert adapter: unmerge it first")
+        if self.expert_ids is not None:
+            raise UpcycleError("keep_experts was called already: these experts are a subset of the layer's")
+        ids = check_expert_ids(expert_ids, self.num_experts, "keep_experts")
+        idx = torch.tensor(ids, device=self.lora_A_in.device)
+        for name in ("lora_A_in", "lora_B_in", "lora_A_down", "lora_B_down"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(old.detach().index_select(0, idx), requires_grad=old.requires_grad))
+        self.expert_ids = ids
+        self.register_buffer("_ids", idx, persistent=False)
+
+    def _all_experts(self, t: Tensor) -> Tensor:
+        """[k, ...] -> [E, ...] with zeros for the experts without an adapter (differentiable)."""
+        if self.expert_ids is None:
+            return t
+        return t.new_zeros(self.num_experts, *t.shape[1:]).index_copy(0, self._ids, t)
 
     def reset_lora_parameters(self) -> None:
         # kaiming_uniform(a=sqrt(5)) of an [r, fan_in] matrix is U(-1/sqrt(fan_in), 1/sqrt(fan_in)), per expert.
@@ -175,15 +208,18 @@ class LoraExperts(nn.Module):
         return self.base_layer.resolved_backend()
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        subset = "" if self.expert_ids is None else f", experts={self.num_adapted}/{self.num_experts}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}{subset}"
 
     def lowrank(self) -> LowRank:
         """The deltas the base's forward adds (``W_e + scaling B_e A_e``, never built)."""
-        return LowRank(self.lora_A_in, self.lora_B_in, self.lora_A_down, self.lora_B_down, self.scaling,
-                       self.lora_dropout)
+        full = self._all_experts
+        return LowRank(full(self.lora_A_in), full(self.lora_B_in), full(self.lora_A_down), full(self.lora_B_down),
+                       self.scaling, self.lora_dropout)
 
     def delta_weights(self) -> tuple[Tensor, Tensor]:
-        """``(B_in A_in, B_down A_down) * scaling``: [E, M, D] and [E, D, F], adapter dtype (merge only)."""
+        """``(B_in A_in, B_down A_down) * scaling`` of the adapted experts: [k, M, D] and [k, D, F]
+        (k = E unless ``keep_experts``; rows in ``expert_ids`` order), adapter dtype (merge only)."""
         return (torch.bmm(self.lora_B_in, self.lora_A_in) * self.scaling,
                 torch.bmm(self.lora_B_down, self.lora_A_down) * self.scaling)
 
@@ -196,8 +232,12 @@ class LoraExperts(nn.Module):
                                "which un-shares it first")
         d_in, d_down = self.delta_weights()
         with torch.no_grad():
-            b.w_in_EMD.add_(d_in.to(b.w_in_EMD.dtype), alpha=sign)
-            b.down_proj.add_(d_down.to(b.down_proj.dtype), alpha=sign)
+            if self.expert_ids is None:
+                b.w_in_EMD.add_(d_in.to(b.w_in_EMD.dtype), alpha=sign)
+                b.down_proj.add_(d_down.to(b.down_proj.dtype), alpha=sign)
+            else:  # only the adapted experts' rows change (the others stay bit for bit)
+                b.w_in_EMD.index_add_(0, self._ids, d_in.to(b.w_in_EMD.dtype), alpha=sign)
+                b.down_proj.index_add_(0, self._ids, d_down.to(b.down_proj.dtype), alpha=sign)
 
     def merge(self) -> None:
         if not self.merged:

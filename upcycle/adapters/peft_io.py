@@ -15,6 +15,9 @@ Tensor names (``<path>``: the module's qualified name in the model):
   ``<path>.base_layer.lora_B.weight`` [M, r*E] (column k*E+e is rank k of expert e), and
   ``down_proj``: ``<path>.lora_A.weight`` [E*r, F], ``<path>.lora_B.weight`` [D, r*E].
   PEFT applies them through a weight parametrisation; we never build ``W + B A``.
+  An adapter on a subset of the experts (expert-specialised fine-tuning) stores those k
+  experts only ([k*r, D], ...; ``upcycle.experts_subset`` in the config names them): ours
+  reads it back, PEFT cannot (its wrappers want all E).
 * Trained routers, as PEFT's ``modules_to_save=["router"]``: ``<block path>.router.weight``.
 
 ``adapter_config.json`` is PEFT's ``LoraConfig`` plus an ``upcycle`` section (our extension,
@@ -62,7 +65,7 @@ def _base_of(model, base_path):
 
 
 def _experts_tensors(e: LoraExperts) -> dict[str, torch.Tensor]:
-    E, r = e.num_experts, e.r
+    E, r = e.num_adapted, e.r  # a subset adapter (keep_experts): its k experts, in expert_ids order
 
     def a(t):  # [E, r, I] -> [E*r, I]
         return t.reshape(E * r, t.shape[-1])
@@ -75,7 +78,7 @@ def _experts_tensors(e: LoraExperts) -> dict[str, torch.Tensor]:
 
 
 def _experts_from_file(e: LoraExperts, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    E, r = e.num_experts, e.r
+    E, r = e.num_adapted, e.r
 
     def a(t):
         return t.reshape(E, r, t.shape[-1])
@@ -127,6 +130,7 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
         target_parameters = [f"{s}.{p}" for s in suffixes for p in (up_name, "down_proj")]
         layout = {"modules": list(experts), "num_experts": first.num_experts, "hidden_size": first.hidden_size,
                   "ffn_size": first.ffn_size, "gated": first.gated, "layout": "peft-target_parameters"}
+    subset = {n: m.expert_ids for n, m in experts.items() if m.expert_ids is not None}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": None,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
@@ -138,6 +142,9 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
             "format_version": FORMAT_VERSION, "upcycle_version": __version__, "base_fingerprint": fingerprint,
             "target_modules": cfg.target_modules, "linear_modules": linears, "experts": layout,
             "train_router": cfg.train_router,
+            # Expert-specialised fine-tuning: per experts module, the experts that have an adapter (the
+            # tensors hold their rows only, in this order). PEFT cannot load such an adapter.
+            "experts_subset": subset or None,
         },
     }
 
@@ -230,11 +237,25 @@ def load_adapter(model, adapter_dir: str, base_path: str | None = None, *, verif
         raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
     apply_lora(model, cfg)
     try:
+        keep_adapted_experts(model, (raw.get("upcycle") or {}).get("experts_subset"), adapter_dir)
         _load_tensors(model, cfg, saved, wpath)
     except Exception:
         unload_lora(model)  # leave the model without a half-loaded adapter
         raise
     return model
+
+
+def keep_adapted_experts(model, subset: dict | None, where: str = "the adapter") -> None:
+    """Restrict the model's expert adapters to ``subset`` ({experts module: expert ids}, as an adapter
+    config records it; None: nothing to do)."""
+    if not subset:
+        return
+    wrapped = {n: m for n, m in lora_modules(model).items() if isinstance(m, LoraExperts)}
+    unknown = sorted(set(subset) - set(wrapped))
+    if unknown:
+        raise UpcycleError(f"{where} restricts experts of {unknown[0]}, which has no expert adapter in this model")
+    for name, ids in subset.items():
+        wrapped[name].keep_experts(ids)
 
 
 def load_adapter_weights(model, adapter_dir: str) -> None:
@@ -306,5 +327,6 @@ def describe_adapter(adapter_dir: str) -> dict:
         "target_modules": raw.get("target_modules"), "target_parameters": raw.get("target_parameters"),
         "linear_modules": len(ext.get("linear_modules") or []), "expert_layers": len(experts.get("modules") or []),
         "train_router": "router" in (raw.get("modules_to_save") or []), "adapter_params": params,
+        "experts_subset": {n: len(ids) for n, ids in (ext.get("experts_subset") or {}).items()} or None,
         "base": raw.get("base_model_name_or_path"), "base_fingerprint": ext.get("base_fingerprint"),
     }

@@ -10,11 +10,15 @@ import os
 
 from upcycle.errors import UpcycleError
 from upcycle.io import read_model_config
+from upcycle.models.esft import is_esft_dir
 from upcycle.models.sources import open_source
 from upcycle.models.upcycled import load
 
 
 def _upcycled(spec: str) -> bool:
+    """An upcycled checkpoint, or an ESFT checkpoint of one (``upcycle.load`` reads both)."""
+    if is_esft_dir(spec):
+        return True
     # A damaged config.json of a model directory is its own one-line error, not "not upcycled".
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         return "upcycle" in read_model_config(spec)

@@ -19,6 +19,7 @@ from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
 from upcycle.io import read_model_config, read_safetensors_header
 from upcycle.modeling import register
+from upcycle.models.esft import is_esft_dir, load_esft
 from upcycle.moe.block import set_experts_backend
 from upcycle.moe.schemes import ROUTING_FIELDS, routing_scheme
 
@@ -27,10 +28,13 @@ def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | No
     """Load an upcycled checkpoint as a ready (eval-mode) transformers model.
 
     ``experts_backend``: ``auto`` (triton on CUDA, else grouped_mm where dtype and shapes
-    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``.
+    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``. An ESFT checkpoint (the trained
+    experts of a run with ``experts_subset``) loads as its base with those experts written in.
     """
     from transformers import AutoModelForCausalLM
 
+    if is_esft_dir(path):
+        return load_esft(path, experts_backend=experts_backend, dtype=dtype, device=device)
     raw = read_model_config(path)
     if "upcycle" not in raw:
         raise UpcycleError(f"{path} is not an upcycled checkpoint (config.json has no 'upcycle' section)")

@@ -2,7 +2,8 @@
 
     out/checkpoints/step-000200/   model weights + config + tokenizer (a loadable checkpoint:
                                    ``upcycle eval`` / ``upcycle.load`` read it as is), or
-                                   adapter_config.json + adapter_model.safetensors;
+                                   adapter_config.json + adapter_model.safetensors, or (a full
+                                   run with experts_subset) esft_config.json + esft_model.safetensors;
                                    trainer_state.pt: step, scheduler, RNG, recipe, log window;
                                    optimizer.pt: the optimizer's state (newest checkpoint only;
                                    8-bit AdamW's quantised moments as they are)
@@ -30,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from upcycle.adapters.peft_io import read_adapter_config, save_adapter
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_dir, remove_stale
+from upcycle.models.esft import read_esft_config, save_esft
 from upcycle.train.distributed import unwrap
 
 STATE_NAME = "trainer_state.pt"
@@ -80,7 +82,7 @@ def remove_partial(out: str) -> None:
 
 
 # Settings that decide which examples step N sees and how: a resume must not change them.
-_PINNED = ("model", "seed", "batch_size", "data", "lora", "nf4")
+_PINNED = ("model", "seed", "batch_size", "data", "lora", "nf4", "experts_subset")
 
 
 def check_compatible(state: dict, cfg, path: str) -> None:
@@ -99,19 +101,25 @@ def check_compatible(state: dict, cfg, path: str) -> None:
                            "another out=")
 
 
-def check_adapter_base(path: str, fingerprint: str | None) -> None:
-    """An adapter checkpoint resumes only onto the base it was trained on."""
-    want = (read_adapter_config(path).get("upcycle") or {}).get("base_fingerprint")
+def check_adapter_base(path: str, fingerprint: str | None, kind: str = "adapter") -> None:
+    """An adapter (or ESFT) checkpoint resumes only onto the base it was trained on."""
+    if kind == "esft":
+        want = read_esft_config(path).get("base_fingerprint")
+    else:
+        want = (read_adapter_config(path).get("upcycle") or {}).get("base_fingerprint")
     if fingerprint and want and want != fingerprint:
-        raise UpcycleError(f"cannot resume from {path}: its adapter was trained on a base with fingerprint {want}, "
+        what = "its trained experts were" if kind == "esft" else "its adapter was"
+        raise UpcycleError(f"cannot resume from {path}: {what} trained on a base with fingerprint {want}, "
                            f"the recipe's model has {fingerprint}")
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, adapter: bool,
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, kind: str,
                     tokenizer, base_path: str, fingerprint: str | None, keep_last: int | None, d) -> str:
-    """Write checkpoint ``step`` (a collective call: every process must enter it)."""
+    """Write checkpoint ``step`` (a collective call: every process must enter it). ``kind``: ``full``
+    (the whole model), ``adapter`` (the LoRA adapter) or ``esft`` (the trained experts and modules;
+    ``state["experts_subset"]`` names the experts)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = None if adapter else get_model_state_dict(model, options=opts)
+    model_sd = get_model_state_dict(model, options=opts) if kind == "full" else None
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     rng = d.gather_objects({"cpu": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None})
@@ -120,8 +128,12 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
         inner = unwrap(model)
         # The same step saved again (a resumed run) is swapped whole.
         with atomic_dir(final, overwrite=True) as tmp:
-            if adapter:
+            if kind == "adapter":
                 save_adapter(inner, tmp, base_path=base_path, fingerprint=fingerprint)
+            elif kind == "esft":
+                sub = state["experts_subset"]
+                save_esft(inner, tmp, base_path=base_path, fingerprint=fingerprint, subset=sub["experts"],
+                          settings=sub["settings"])
             else:
                 inner.save_pretrained(tmp, state_dict=model_sd)
             tokenizer.save_pretrained(tmp)

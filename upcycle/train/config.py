@@ -71,6 +71,48 @@ class ScheduleConfig:
 
 
 @dataclass
+class ExpertsSubsetConfig:
+    """Expert-specialised fine-tuning (ESFT, Wang et al. 2024): train only the experts the task's data routes to.
+
+    Before training, a sample of the training set is routed through the model; per MoE layer the
+    experts are ranked by what they received and the best are chosen (``coverage`` or ``top``).
+    Only they are trained (with ``lora``: only they get adapters); the others stay bit for bit.
+    The choice is printed, written to ``out/experts_subset.json`` and reused as is on resume.
+    """
+
+    by: Literal["load", "tokens"] = "load"
+    """What ranks an expert: ``load``, the routed (combine) weight it receives, summed over the
+    sample's tokens (ESFT's average gate score); ``tokens``, how many tokens are routed to it
+    (ESFT's token selection ratio)."""
+    coverage: float | None = None
+    """Per MoE layer, the smallest set of experts that receives at least this share (0 < c <= 1)
+    of the layer's total. Give exactly one of ``coverage`` and ``top``."""
+    top: int | None = None
+    """Per MoE layer, the ``top`` experts that receive the most."""
+    sample: int = 256
+    """Training sequences routed to choose them: the first of the run's shuffled order (all if fewer)."""
+    train_router: bool = False
+    """Also train the routers fully. With ``lora``, ``lora.train_router`` decides instead."""
+    train_attention: bool = False
+    """Also train the attention layers fully. With ``lora``, ``lora.target_modules`` decides instead."""
+
+    def validate(self, lora: bool) -> None:
+        if (self.coverage is None) == (self.top is None):
+            raise UpcycleError("experts_subset: give exactly one of coverage (a share of the routed load, e.g. 0.8) "
+                               "and top (experts per layer)")
+        if self.coverage is not None and not 0 < self.coverage <= 1:
+            raise UpcycleError(f"experts_subset.coverage must be in (0, 1], got {self.coverage}")
+        if self.top is not None and self.top < 1:
+            raise UpcycleError(f"experts_subset.top must be at least 1, got {self.top}")
+        if self.sample < 1:
+            raise UpcycleError(f"experts_subset.sample must be at least 1, got {self.sample}")
+        if lora and (self.train_router or self.train_attention):
+            what = "train_router" if self.train_router else "train_attention"
+            raise UpcycleError(f"experts_subset.{what} is for full fine-tuning; with lora, lora.train_router and "
+                               "lora.target_modules decide what else trains")
+
+
+@dataclass
 class TrainConfig:
     """One training run: model, data, optimisation, checkpoints. Recipes mirror this."""
 
@@ -111,7 +153,8 @@ class TrainConfig:
     keep_last: int | None = 2
     """Checkpoints kept (oldest deleted first); None keeps all. Epoch checkpoints count too."""
     checkpoint: Literal["auto", "full", "adapter"] = "auto"
-    """What a checkpoint holds: the whole model, or only the adapter (``auto``: adapter with ``lora``)."""
+    """What a checkpoint holds: the whole model, or only the adapter (``auto``: the adapter with ``lora``;
+    with ``experts_subset`` and no ``lora``, the trained experts and modules only: an ESFT checkpoint)."""
     resume: str | None = None
     """Continue a run: a checkpoint directory, or ``auto`` for the latest one in ``out``."""
     overwrite: bool = False
@@ -135,6 +178,9 @@ class TrainConfig:
     """Train LoRA adapters instead of the whole model (everything else frozen)."""
     nf4: bool = False
     """QLoRA: quantise the frozen base (attention projections and experts) to NF4; needs ``lora``."""
+    experts_subset: ExpertsSubsetConfig | None = None
+    """Train only the experts the training data routes to (ESFT), e.g. ``{by: load, coverage: 0.8}``;
+    checkpoints then hold only what was trained (``upcycle merge`` / ``upcycle.load`` rebuild the model)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: replicate (DDP) or shard parameters, gradients and optimiser state (FSDP2)."""
     progress: bool = True
@@ -187,11 +233,26 @@ class TrainConfig:
             raise UpcycleError(f"device must be cpu or cuda, got {self.device!r}")
         if self.lora is not None:
             self.lora.validate()
+        if self.experts_subset is not None:
+            self.experts_subset.validate(lora=self.lora is not None)
+            if self.lora is not None and not self.lora.experts:
+                raise UpcycleError("experts_subset with lora puts adapters on the chosen experts: it needs "
+                                   "lora.experts: true")
+            if self.checkpoint == "full":
+                raise UpcycleError("checkpoint: full with experts_subset would save every frozen expert again; use "
+                                   "checkpoint: auto (what was trained only; upcycle merge rebuilds the model)")
         self.data.validate()
 
     @property
     def adapter_checkpoints(self) -> bool:
         return self.checkpoint == "adapter" or (self.checkpoint == "auto" and self.lora is not None)
+
+    @property
+    def checkpoint_kind(self) -> str:
+        """``adapter``, ``esft`` (the trained experts and modules of a full ESFT run) or ``full``."""
+        if self.adapter_checkpoints:
+            return "adapter"
+        return "esft" if self.experts_subset is not None else "full"
 
 
 class _Loader(yaml.SafeLoader):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
-from upcycle.io import write_text
+from upcycle.io import write_json, write_text
 from upcycle.moe.block import aux_loss
 from upcycle.train import checkpointing as ckpt
 from upcycle.train import distributed
@@ -116,16 +116,16 @@ class Trainer:
         if self.state is not None:
             ckpt.check_compatible(self.state, cfg, self.resume_from)
         torch.manual_seed(cfg.seed)  # adapter init: the same on every process
-        full_resume = self.resume_from if self.resume_from and not cfg.adapter_checkpoints else None
+        kind = cfg.checkpoint_kind
+        full_resume = self.resume_from if self.resume_from and kind == "full" else None
         model, self.tokenizer, self.model_info = build_model(cfg, d.device, source=full_resume)
         self.fingerprint = None
-        if cfg.adapter_checkpoints:
-            from upcycle.adapters import base_fingerprint, load_adapter_weights
+        if kind != "full":  # adapter or ESFT checkpoints: what was trained, over the recipe's model
+            from upcycle.adapters import base_fingerprint
 
             self.fingerprint = base_fingerprint(cfg.model) if d.main else None
             if self.resume_from:
-                ckpt.check_adapter_base(self.resume_from, self.fingerprint)
-                load_adapter_weights(model, self.resume_from)
+                ckpt.check_adapter_base(self.resume_from, self.fingerprint, kind)
         # Data: the main process first, so the others find its datasets cache.
         if not d.main:
             d.barrier()
@@ -138,6 +138,15 @@ class Trainer:
             raise UpcycleError(f"the training set has {len(self.train_ds)} sequences, fewer than batch_size "
                                f"({cfg.batch_size})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.experts_subset = self._experts_subset(model) if cfg.experts_subset is not None else None
+        if self.resume_from and kind == "adapter":
+            from upcycle.adapters import load_adapter_weights
+
+            load_adapter_weights(model, self.resume_from)
+        elif self.resume_from and kind == "esft":
+            from upcycle.models.esft import load_esft_tensors
+
+            load_esft_tensors(model, self.resume_from, self.experts_subset["experts"])
         self.n_targets = _count_targets(self.train_ds)
         # Counted once: every evaluation sums them per micro-batch.
         self.eval_targets = _count_targets(self.eval_ds) if self.eval_ds is not None else []
@@ -194,9 +203,34 @@ class Trainer:
                 if os.path.exists(os.path.join(cfg.out, "summary.json")):
                     os.remove(os.path.join(cfg.out, "summary.json"))  # describes an earlier attempt
                 write_text(os.path.join(cfg.out, "recipe.yaml"), to_yaml(cfg))
+                if self.experts_subset is not None:
+                    write_json(os.path.join(cfg.out, "experts_subset.json"), self.experts_subset)
             except OSError as e:
                 raise UpcycleError(f"cannot write the run directory {cfg.out}: {e}") from None
         d.barrier()
+
+    def _experts_subset(self, model) -> dict:
+        """ESFT: choose the experts to train (or take the resumed run's choice) and freeze the rest."""
+        from upcycle.adapters import trainable_summary
+        from upcycle.train.esft import choose_experts, format_choice, restrict_training, route_sample
+
+        cfg, d, sub = self.cfg, self.d, self.cfg.experts_subset
+        rec = (self.state or {}).get("experts_subset")
+        if rec is None:  # a fresh run: route a sample of the training set (the first of epoch 1's order)
+            if d.main:
+                order = [k for batch in epoch_batches(len(self.train_ds), cfg.batch_size, cfg.seed, 0) for k in batch]
+                sample = [self.train_ds[k] for k in order[:sub.sample]]
+                stats = route_sample(model, sample, micro_batch_size=cfg.micro_batch_size,
+                                     pad_id=self.tokenizer.pad_token_id, device=d.device, autocast=self.autocast)
+                choice = choose_experts(stats, sub)
+                rec = {"experts": choice, "settings": dataclasses.asdict(sub), "sequences": len(sample),
+                       "stats": stats, "table": format_choice(choice, stats, sub, len(sample))}
+            rec = d.broadcast(rec)
+        restrict_training(model, rec["experts"], sub, lora=cfg.lora is not None)
+        self.model_info["trainable"] = trainable_summary(model)
+        if d.main:
+            tqdm.write(rec["table"] + (" (the resumed run's choice)" if self.state is not None else ""))
+        return rec
 
     def _autocast(self):
         cfg, dev = self.cfg, self.d.device
@@ -310,8 +344,10 @@ class Trainer:
         routing_sums = self.d.all_sum(self.telemetry.sums.clone())
         state = {"seed": cfg.seed, "epoch": epoch, "recipe": dataclasses.asdict(cfg), "routing_sums": routing_sums,
                  **extra}
+        if self.experts_subset is not None:
+            state["experts_subset"] = self.experts_subset  # a resume reuses the choice as it is
         return ckpt.save_checkpoint(cfg.out, self.step, self.model, self.optimizer, self.scheduler, state,
-                                    adapter=cfg.adapter_checkpoints, tokenizer=self.tokenizer, base_path=cfg.model,
+                                    kind=cfg.checkpoint_kind, tokenizer=self.tokenizer, base_path=cfg.model,
                                     fingerprint=self.fingerprint, keep_last=cfg.keep_last, d=self.d)
 
     def run(self) -> dict:

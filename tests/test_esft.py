@@ -1,0 +1,174 @@
+"""Expert-specialised fine-tuning (``experts_subset``): choose, train only the chosen experts, save and rebuild."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import corpus, recipe, rows, stop_after, tiny_moe  # noqa: F401  (fixtures)
+from upcycle.errors import UpcycleError
+from upcycle.moe.experts import StackedExperts
+from upcycle.moe.subset import SubsetExperts
+from upcycle.train import load_recipe, train
+from upcycle.train.esft import choose_experts
+
+
+def _cfg(**kw):
+    base = dict(by="load", coverage=None, top=None)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def test_choice_is_the_smallest_set_reaching_the_coverage_or_the_top_n():
+    stats = {"a.experts": {"load": [0.1, 0.5, 0.3, 0.1, 0.0], "tokens": [9, 1, 3, 3, 0]},
+             "b.experts": {"load": [0.0, 0.0, 0.0, 0.0, 0.0], "tokens": [0, 0, 0, 0, 0]}}
+    assert choose_experts(stats, _cfg(coverage=0.8)) == {"a.experts": [1, 2], "b.experts": []}
+    # Ties go to the lower id; nothing that received no load is ever chosen, even at coverage 1.
+    assert choose_experts(stats, _cfg(coverage=0.85)) == {"a.experts": [0, 1, 2], "b.experts": []}
+    assert choose_experts(stats, _cfg(coverage=1.0))["a.experts"] == [0, 1, 2, 3]
+    assert choose_experts(stats, _cfg(top=2, by="tokens"))["a.experts"] == [0, 2]
+    assert choose_experts(stats, _cfg(top=9))["a.experts"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("expert_major", [False, True])
+def test_subset_experts_compute_what_the_plain_experts_compute(backend, expert_major):
+    torch.manual_seed(0)
+    E, D, Fn, T = 6, 32, 48, 20
+    plain = StackedExperts(E, D, Fn, gated=True, activation="silu", bias=True, backend=backend)
+    with torch.no_grad():
+        plain.gate_up_proj_bias.normal_()
+        plain.down_proj_bias.normal_()
+    sub = SubsetExperts.from_experts(plain, [4, 1])
+    assert sub.expert_ids == [1, 4] and sub.frozen_ids == [0, 2, 3, 5]
+    assert [n for n, p in sub.named_parameters() if p.requires_grad] == [
+        "trained.gate_up_proj", "trained.down_proj", "trained.gate_up_proj_bias", "trained.down_proj_bias"]
+    if expert_major:  # every expert takes 3 tokens, grouped by expert
+        tok = torch.randperm(T)[:3].repeat(E)
+        exp = torch.arange(E).repeat_interleave(3)
+    else:
+        tok, exp = torch.arange(T).repeat_interleave(2), torch.randint(0, E, (2 * T,))
+    w = torch.rand(tok.numel())
+    x = torch.randn(T, D, requires_grad=True)
+    y_ref = plain(x, tok, exp, w, expert_major=expert_major)
+    y = sub(x, tok, exp, w, expert_major=expert_major)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)  # fp32: only the order of the per-token sum differs
+    g = torch.randn_like(y)
+    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (x, plain.gate_up_proj, plain.down_proj_bias), g)
+    dx, dw, db = torch.autograd.grad(y, (x, sub.trained.gate_up_proj, sub.trained.down_proj_bias), g)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, dw_ref[[1, 4]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, db_ref[[1, 4]], rtol=1e-5, atol=1e-6)
+    merged = sub.merged()
+    assert all(torch.equal(a, b) for a, b in zip(merged.parameters(), plain.parameters()))
+
+
+def test_bad_experts_subset_settings_are_one_line_errors():
+    with pytest.raises(UpcycleError, match="exactly one of coverage .* and top"):
+        load_recipe("continued_pretraining", ["experts_subset.coverage=0.8", "experts_subset.top=2"])
+    with pytest.raises(UpcycleError, match="unknown key.*cover; valid keys: by, coverage, top, sample"):
+        load_recipe("continued_pretraining", ["experts_subset.cover=0.8"])
+    with pytest.raises(UpcycleError, match="experts_subset.coverage must be in"):
+        load_recipe("continued_pretraining", ["experts_subset.coverage=1.5"])
+    with pytest.raises(UpcycleError, match="experts_subset.by: expected one of"):
+        load_recipe("continued_pretraining", ["experts_subset.by=gate", "experts_subset.top=2"])
+    with pytest.raises(UpcycleError, match="train_router is for full fine-tuning"):
+        load_recipe("lora_sft", ["experts_subset.top=2", "experts_subset.train_router=true"])
+    with pytest.raises(UpcycleError, match="needs lora.experts: true"):
+        load_recipe("lora_sft", ["experts_subset.top=2", "lora.experts=false"])
+    with pytest.raises(UpcycleError, match="checkpoint: full with experts_subset"):
+        load_recipe("continued_pretraining", ["experts_subset.top=2", "checkpoint=full"])
+
+
+def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corpus, tmp_path, capsys):  # noqa: F811
+    import upcycle
+    from upcycle.adapters import merge_command
+
+    s = train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=8, experts_subset={"coverage": 0.6, "sample": 16}))
+    table = capsys.readouterr().out
+    assert "experts subset (ESFT): by load, coverage 0.6" in table and "| model.layers.3.mlp |" in table
+    rec = json.loads((tmp_path / "run" / "experts_subset.json").read_text())
+    choice = rec["experts"]
+    assert sorted(choice) == ["model.layers.2.mlp.experts", "model.layers.3.mlp.experts"]
+    assert all(0 < len(ids) < 4 for ids in choice.values()), choice
+    losses = [r["loss"] for r in rows(tmp_path / "run")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    # The checkpoint holds the trained experts' rows and nothing else.
+    ckpt = s["last_checkpoint"]
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith((".json", ".safetensors")) and "token" not in f) == [
+        "esft_config.json", "esft_model.safetensors"]
+    saved = load_file(os.path.join(ckpt, "esft_model.safetensors"))
+    assert sorted(saved) == sorted(f"{n}.{p}" for n in choice for p in ("gate_up_proj", "down_proj"))
+    assert all(saved[f"{n}.down_proj"].shape[0] == len(ids) for n, ids in choice.items())
+    from upcycle.cli import main as cli
+
+    cli(["inspect", ckpt])
+    assert f"trained_experts          {sum(map(len, choice.values()))}" in capsys.readouterr().out
+    # upcycle.load rebuilds the model: frozen experts bit for bit the base's, trained ones changed, the rest equal.
+    base, tuned = upcycle.load(str(tiny_moe)), upcycle.load(ckpt)
+    for name, ids in choice.items():
+        b, t = base.get_submodule(name), tuned.get_submodule(name)
+        for e in range(4):
+            same = torch.equal(b.gate_up_proj[e], t.gate_up_proj[e]) and torch.equal(b.down_proj[e], t.down_proj[e])
+            assert same == (e not in ids), (name, e)
+    tuned_sd = tuned.state_dict()
+    assert all(torch.equal(v, tuned_sd[k]) for k, v in base.state_dict().items() if ".experts." not in k)
+    # upcycle merge writes the same model as a whole checkpoint.
+    r = merge_command(ckpt, str(tmp_path / "merged"))
+    assert r["merged_experts"] == sum(map(len, choice.values()))
+    merged = upcycle.load(str(tmp_path / "merged")).state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in tuned_sd.items())
+
+
+def test_esft_resume_reuses_the_recorded_choice(tiny_moe, corpus, tmp_path, monkeypatch):  # noqa: F811
+    from upcycle.train import esft
+
+    kw = dict(max_steps=4, experts_subset={"top": 2, "by": "tokens", "train_router": True, "sample": 8})
+    train(recipe(tiny_moe, corpus, tmp_path / "a", **kw))
+    stop_after(monkeypatch, 2)
+    train(recipe(tiny_moe, corpus, tmp_path / "b", **kw))
+    monkeypatch.undo()
+
+    def no_routing(*a, **k):
+        raise AssertionError("a resumed run must reuse its choice, not route again")
+
+    monkeypatch.setattr(esft, "route_sample", no_routing)
+    train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", **kw))
+    assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-000004" / "esft_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-000004" / "esft_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UpcycleError, match="recipe changed experts_subset"):
+        train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", max_steps=4, experts_subset={"top": 3}))
+
+
+def test_esft_with_lora_adapts_only_the_chosen_experts(tiny_moe, corpus, tmp_path):  # noqa: F811
+    import upcycle
+    from upcycle.adapters import describe_adapter, load_adapter, merge_command
+
+    lora = {"r": 4, "alpha": 8, "experts": True, "target_modules": ["q_proj"]}
+    s = train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=4, lora=lora, optim__lr=3e-2,
+                     experts_subset={"top": 1, "sample": 8}))
+    choice = json.loads((tmp_path / "run" / "experts_subset.json").read_text())["experts"]
+    ckpt = s["last_checkpoint"]
+    info = describe_adapter(ckpt)
+    assert info["experts_subset"] == {n: 1 for n in choice}
+    saved = load_file(os.path.join(ckpt, "adapter_model.safetensors"))
+    n = "model.layers.3.mlp.experts"
+    assert saved[f"base_model.model.{n}.lora_A.weight"].shape == (1 * 4, 128)  # one expert's rank-4 A of down_proj
+    # The adapter loads back onto a fresh base with the same outputs, and merges into the chosen experts only.
+    model = load_adapter(upcycle.load(str(tiny_moe)), ckpt)
+    assert model.get_submodule(n).expert_ids == choice[n]
+    r = merge_command(ckpt, str(tmp_path / "merged"))
+    merged, base = upcycle.load(r["out"]), upcycle.load(str(tiny_moe))
+    x = torch.randint(5, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, model.eval()(x).logits, rtol=1e-5, atol=1e-5)
+    for name, ids in choice.items():
+        b, m = base.get_submodule(name), merged.get_submodule(name)
+        for e in range(4):
+            assert torch.equal(b.down_proj[e], m.down_proj[e]) == (e not in ids), (name, e)
