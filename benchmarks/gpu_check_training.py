@@ -180,7 +180,7 @@ def stage_training(st, ctx: dict) -> None:
                     else "adamw (bitsandbytes is not installed here; the recipe asks for paged_adamw_8bit)"))
     st.notes.append("qlora_sft: experts with LoRA take the grouped_mm path under either backend (the fused kernels "
                     "have no LoRA epilogue yet), so its two runs run the same experts code; they measure the NF4 "
-                    "(dequant kernel) + LoRA step, not the triton GEMMs")
+                    "(blocks of experts dequantised by the dequant kernel) + LoRA step, not the triton GEMMs")
     st.notes.append("continued_pretraining under bf16 autocast keeps fp32 master weights, and the triton experts "
                     "compute in the weights' dtype: its triton run times the fp32 (ieee) kernels")
 

@@ -227,6 +227,30 @@ def test_nf4_linear_bf16_compute():
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantising_a_range_gives_the_bits_of_the_whole(double_quant):
+    from upcycle.adapters.nf4 import dequantize_nf4_range
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5, 37, 67), (3, 300, 64), (3, 7), (3, 128, 128)]:
+        q = quantize_nf4(_gauss(*shape, seed=2), 64, double_quant)
+        for dtype in (torch.float32, torch.bfloat16):
+            whole = dequantize_nf4(q, dtype).flatten()
+            n = whole.numel()
+            cuts = [(0, n), (0, 0), (n, n), (1, n - 1)] + [tuple(sorted(torch.randint(0, n + 1, (2,), generator=g)
+                                                                     .tolist())) for _ in range(20)]
+            cuts += [(64 * a, 64 * b) for a, b in ((0, 1), (1, 3), (2, 5)) if 64 * b <= n]  # whole blocks: the fast path
+            for a, b in cuts:
+                assert torch.equal(dequantize_nf4_range(q, a, b, dtype), whole[a:b]), (shape, a, b)
+            # The triton kernel (CUDA, here the interpreter) on a range that starts on a constants boundary.
+            step = 64 * (256 if double_quant else 1)
+            for a, b in ((0, n), (step, n)) if n > step else ((0, n),):
+                got = dequantize_nf4_range(q, a, b, dtype, backend="triton")
+                assert torch.equal(got, whole[a:b]), (shape, a, b)
+    with pytest.raises(UpcycleError, match="not inside"):
+        dequantize_nf4_range(q, 3, q.numel + 1)
+
+
 # ---------------------------------------------------------------- NF4StackedExperts
 
 def _block(E=4, D=64, Fn=128, gated=True, bias=False, seed=0, identical=False):
@@ -276,7 +300,62 @@ def test_nf4_experts_close_to_the_unquantised_block(gated, bias):
     assert rel <= 2.5 * eps_w
 
 
-def test_nf4_experts_gradient_through_the_checkpointed_forward():
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_blockwise_dequantised_experts_equal_dequantise_then_gemm_bit_for_bit(backend, lora, monkeypatch):
+    """The NF4 experts forward dequantises a block of experts at a time (forward, and again for dx in
+    backward), never the whole stack, and skips experts without tokens; what it computes is exactly
+    the dense experts forward on the dequantised weights."""
+    from upcycle.adapters import nf4 as nf4_mod
+    from upcycle.adapters import qlora
+    from upcycle.adapters.lora import LoraExperts
+    from upcycle.moe import compute
+
+    E, D, Fn = 6, 64, 96
+    blk = _block(E=E, D=D, Fn=Fn, bias=True)
+    q = NF4StackedExperts.from_experts(blk.experts, shared_base=False)
+    ref = _dense_copy(blk, q).experts.requires_grad_(False)
+    q.backend = ref.backend = backend
+    # Blocks of two experts (a [2F, D] weight is 48 KB in fp32), and a record of what gets dequantised.
+    monkeypatch.setattr(compute, "DEQUANT_BLOCK_BYTES", 2 * 2 * Fn * D * 4)
+    seen = []
+
+    def spy(qt, start, stop, dtype=None):
+        seen.append((stop - start) // (qt.numel // E))
+        return nf4_mod.dequantize_nf4_range(qt, start, stop, dtype)
+
+    monkeypatch.setattr(qlora, "dequantize_nf4_range", spy)
+    T = 13
+    tok = torch.arange(T).repeat_interleave(2)
+    exp = torch.tensor([0, 1, 3, 0, 1, 3] * 5)[:2 * T]  # experts 2, 4 and 5 get no token
+    wts = torch.rand(2 * T, generator=torch.Generator().manual_seed(0))
+    mods = [ref, q]
+    if lora:
+        torch.manual_seed(3)
+        mods = [LoraExperts(m, r=4, alpha=8) for m in mods]
+        with torch.no_grad():
+            for p in mods[0].parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.1)
+            for a, b in zip(mods[0].parameters(), mods[1].parameters()):
+                if a.requires_grad:
+                    b.copy_(a)
+    outs, grads = [], []
+    for m in mods:
+        x, w = _gauss(T, D, seed=4).requires_grad_(), wts.clone().requires_grad_()
+        y = m(x, tok, exp, w)
+        y.pow(2).sum().backward()
+        outs.append(y)
+        grads.append([x.grad, w.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+    assert torch.equal(outs[1], outs[0])
+    assert len(grads[1]) == (6 if lora else 2) and all(torch.equal(a, b) for a, b in zip(grads[1], grads[0]))
+    # Experts dequantised per call, forward and backward: loop, one routed expert (0, 1, 3) at a time per
+    # projection; grouped_mm, blocks of 2 of the [2F, D] gate_up ({0, 1}, {2, 3}) and of 4 of the [D, F]
+    # down projection ({0..3}); the block of experts 4 and 5 has no token and is never dequantised.
+    assert sorted(seen) == ([1] * 12 if backend == "loop" else [2, 2, 2, 2, 4, 4])
+
+
+def test_nf4_experts_gradient_through_the_blockwise_dequantised_forward():
     blk = _block(bias=True)
     q = NF4StackedExperts.from_experts(blk.experts)
     ref = _dense_copy(blk, q).experts

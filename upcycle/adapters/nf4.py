@@ -32,8 +32,8 @@ from torch import Tensor
 
 from upcycle.errors import UpcycleError
 
-__all__ = ["DQ_BLOCKSIZE", "NF4_CODE", "NF4Tensor", "dequantize_nf4", "dynamic_code", "dynamic_map", "nf4_code",
-           "quantize_nf4"]
+__all__ = ["DQ_BLOCKSIZE", "NF4_CODE", "NF4Tensor", "dequantize_nf4", "dequantize_nf4_range", "dynamic_code",
+           "dynamic_map", "nf4_code", "quantize_nf4"]
 
 # The QLoRA paper's NF4 values (bitsandbytes' table, fp32), sorted: code i is the 4-bit index.
 NF4_CODE = (
@@ -252,10 +252,50 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> N
     return NF4Tensor(packed, qabs_B.to(torch.uint8), w.shape, w.dtype, blocksize, absmax2_C, offset)
 
 
+def dequantize_nf4_range(q: NF4Tensor, start: int, stop: int, dtype: torch.dtype | None = None, *,
+                         backend: str = "auto") -> Tensor:
+    """Elements ``start:stop`` of the flattened weight, dequantised: the same bits as
+    ``dequantize_nf4(q).flatten()[start:stop]``, reading only the codes and constants they need
+    (what a block of experts of a stacked weight dequantises). ``backend`` as ``dequantize_nf4``'s;
+    the triton kernel takes ranges that start on a constants boundary (a byte, an absmax block,
+    and with double quantisation a block of 256 absmax: every expert of a usual stack), torch any."""
+    dtype = dtype or q.dtype
+    if not 0 <= start <= stop <= q.numel:
+        raise UpcycleError(f"dequantize_nf4_range: [{start}, {stop}) is not inside the {q.numel} elements")
+    dev, bs, n = q.device, q.blocksize, stop - start
+    step = bs * (DQ_BLOCKSIZE if q.double_quant else 1)
+    if backend != "torch" and n and start % step == 0 and start % 2 == 0 and (
+            backend == "triton" or (q.device.type == "cuda" and _triton_dequant() is not None)):
+        b0, b1, c0 = start // bs, -(-stop // bs), start // step
+        part = NF4Tensor(q.packed[start // 2:(stop + 1) // 2], q.absmax[b0:b1], torch.Size([n]), q.dtype, bs,
+                         None if q.absmax2 is None else q.absmax2[c0:-(-b1 // DQ_BLOCKSIZE)], q.offset)
+        return dequantize_nf4(part, dtype, backend="triton")
+    first = start % 2
+    # One lookup per byte: its two NF4 values (high nibble first), fp32.
+    v_N = _nf4_pairs(dev)[q.packed[start // 2:(stop + 1) // 2].long()].reshape(-1)[first:first + n]
+    b0, b1 = start // bs, -(-stop // bs)
+    if q.double_quant:  # the same two fp32 roundings as absmax_fp32(): code8[q] * absmax2, then + offset
+        blk_B = torch.arange(b0, b1, device=dev) // DQ_BLOCKSIZE
+        absmax_B = dynamic_code(dev)[q.absmax[b0:b1].long()] * q.absmax2[blk_B] + q.offset
+    else:
+        absmax_B = q.absmax[b0:b1]
+    lo = start - b0 * bs
+    if lo == 0 and n % bs == 0:  # whole blocks (a block of experts, usually): broadcast, no per-element scale
+        return (v_N.view(-1, bs) * absmax_B.unsqueeze(-1)).view(-1).to(dtype)
+    return (v_N * absmax_B.repeat_interleave(bs)[lo:lo + n]).to(dtype)
+
+
+def _nf4_pairs(device=None) -> Tensor:
+    """fp32 [256, 2]: the NF4 values of a packed byte's high and low nibble (cached per device)."""
+    def make():
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+        b = torch.arange(256)
+        return torch.stack([code[b >> 4], code[b & 15]], dim=-1)
+    return _cached("nf4_pairs", make, device)
+
+
 def _dequantize_torch(q: NF4Tensor, dtype: torch.dtype) -> Tensor:
-    code_N = torch.stack([q.packed >> 4, q.packed & 0xF], dim=-1).reshape(-1)[: q.numel]
-    w_N = dequantize_blockwise(code_N, q.absmax_fp32(), nf4_code(q.device), q.blocksize)
-    return w_N.to(dtype).reshape(q.shape)
+    return dequantize_nf4_range(q, 0, q.numel, dtype).reshape(q.shape)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, *, backend: str = "auto") -> Tensor:

@@ -8,12 +8,14 @@
   again instead of saving the dense weight (bitsandbytes' ``MatMul4Bit`` trade: a second
   dequantisation for not keeping every layer's dense weight alive until backward).
 * ``NF4StackedExperts``: an experts storage whose ``gate_up_proj`` / ``up_proj`` and
-  ``down_proj`` are NF4. Per forward the whole stacked weight is dequantised to the compute
-  dtype and the one experts forward (``loop`` / ``grouped_mm`` / ``triton``) runs on it. Memory
-  trade-off: the dense copy exists only during the layer's forward (one layer's dense experts
-  at a time, ``E * (M + D) * F`` elements), and in training the experts forward is
-  checkpointed, so the copy is rebuilt in backward instead of being kept for it (one extra
-  dequantisation + experts forward per step; no layer keeps its dense weights).
+  ``down_proj`` are NF4. The one experts forward gets them as ``QuantizedWeight``s
+  (``compute_weights()``) and dequantises one block of experts at a time (at most
+  ``upcycle.moe.compute.DEQUANT_BLOCK_BYTES`` of dense weight, experts without tokens
+  skipped), in forward and again for the input gradient in backward: no full-precision copy
+  of a stack exists at any point of a step, and nothing dense is kept between forward and
+  backward. (Before, the whole stack was dequantised per forward, with the experts forward
+  checkpointed to avoid keeping it: peak memory one layer's dense experts, and a second
+  forward per step.) The ``triton`` backend hands NF4 experts to ``grouped_mm``.
 * Shared base: experts still exact copies of each other (a fresh upcycle) store ONE
   quantised [M, D] weight, expanded to [E, M, D] as a stride-0 view at forward: E times less
   memory for the experts' base and E times less dequantisation work.
@@ -34,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_range, quantize_nf4
 from upcycle.errors import UpcycleError
-from upcycle.moe.compute import ExpertWeights, LowRank
+from upcycle.moe.compute import ExpertWeights, QuantizedWeight
 from upcycle.moe.experts import DerivedExpertWeights, ExpertsBase
 
 __all__ = ["DEFAULT_TARGETS", "NF4Linear", "NF4StackedExperts", "default_compute_dtype", "experts_identical",
@@ -241,6 +243,28 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, ExpertsBase):
                 for n in (f"{self.up_name}_bias", "down_proj_bias")]
         return ExpertWeights(self._dequant(self.up_name, dtype), self._dequant("down_proj", dtype), *bias)
 
+    def compute_weights(self) -> ExpertWeights:
+        """NF4 weights as ``QuantizedWeight``s (dequantised block by block inside the compute); inside
+        ``dequantized()``: its one dense copy."""
+        if self._dense is not None:
+            return self._dense
+        dtype = self._compute()
+        bias = [self._parameters[n].to(dtype) if self.has_bias else None
+                for n in (f"{self.up_name}_bias", "down_proj_bias")]
+        return ExpertWeights(self._quantized(self.up_name, dtype), self._quantized("down_proj", dtype), *bias)
+
+    def _quantized(self, name: str, dtype: torch.dtype) -> QuantizedWeight:
+        q = self.nf4(name)
+        E = self.num_experts
+        R, C = q.shape[-2:]
+        if self.shared_base:
+            def dequantize(e0: int, e1: int) -> Tensor:
+                return dequantize_nf4(q, dtype).unsqueeze(0).expand(e1 - e0, R, C)
+        else:
+            def dequantize(e0: int, e1: int) -> Tensor:
+                return dequantize_nf4_range(q, e0 * R * C, e1 * R * C, dtype).view(e1 - e0, R, C)
+        return QuantizedWeight((E, R, C), dtype, dequantize, self.shared_base, q)
+
     def dense_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(w_in [E, M, D], down [E, D, F]) dequantised (the ones ``forward`` uses, if inside it)."""
         w = self.expert_weights(dtype)
@@ -263,20 +287,14 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, ExpertsBase):
     def run_dense(self, fn, *args):
         """``fn(*args)`` inside ``dequantized()``; with grad enabled, checkpointed (non-reentrant):
         backward rebuilds the dense weights instead of autograd keeping them from the forward.
-        Gradients reach tensors ``fn`` captures (LoRA weights) as well as ``args``."""
+        Gradients reach tensors ``fn`` captures (LoRA weights) as well as ``args``. (For code that
+        wants the whole dense stack; ``forward`` does not.)"""
         def run(*a):
             with self.dequantized():
                 return fn(*a)
         if torch.is_grad_enabled():
             return checkpoint(run, *args, use_reentrant=False)
         return run(*args)
-
-    def forward(self, x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, *,
-                expert_major: bool = False, lowrank: LowRank | None = None) -> Tensor:
-        """As ``ExpertsBase.forward``, on weights dequantised once for the call."""
-        def run(x, tok, exp, w):
-            return ExpertsBase.forward(self, x, tok, exp, w, expert_major=expert_major, lowrank=lowrank)
-        return self.run_dense(run, x_TD, token_idx_A, expert_idx_A, weight_A)
 
     def extra_repr(self) -> str:
         q = self.nf4("down_proj")

@@ -13,6 +13,13 @@ LoRA only adds ``LowRank``; the math is here, once. The ``triton`` backend runs 
 kernels of ``upcycle_kernels``; with low-rank deltas it hands over to ``grouped_mm`` (the
 kernels have no low-rank epilogue yet), or to ``loop`` where ``grouped_mm`` cannot run.
 
+Quantised weights (``QuantizedWeight``: NF4 experts) are never dequantised whole. ``loop``
+and ``grouped_mm`` dequantise one block of experts at a time (``DEQUANT_BLOCK_BYTES`` of
+dequantised weight, at least one expert; experts without tokens are skipped), run that
+block's GEMM and drop it; backward (the input gradient only: the base is frozen) dequantises
+again the same way, so autograd keeps no dense copy between forward and backward. Knowing
+each block's rows takes the per-expert counts on the host (one device sync per GEMM).
+
 Shape legend:
     T  tokens           D  hidden size         F  expert FFN size
     E  experts          A  assignments         r  LoRA rank
@@ -34,13 +41,39 @@ from upcycle.moe.backends import grouped_mm_unsupported
 from upcycle.moe.routing import count_per_index
 
 
+DEQUANT_BLOCK_BYTES = 32 * 2**20
+"""Dequantised weight one block of a ``QuantizedWeight`` may take (at least one expert)."""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """An expert weight [E, R, C] kept quantised: the experts forward dequantises it a block of
+    experts at a time (see the module docstring). Frozen: no weight gradient."""
+
+    shape: tuple[int, int, int]
+    """[E, R, C] (the dequantised shape)."""
+    dtype: torch.dtype
+    """The compute dtype the blocks come in."""
+    dequantize: Callable[[int, int], Tensor]
+    """``(e0, e1)`` -> experts ``e0:e1`` as [e1 - e0, R, C] in ``dtype`` (for a shared base, a stride-0 view)."""
+    shared: bool = False
+    """All E experts are one stored matrix (a shared base): dequantised once per GEMM, seen E times."""
+    nf4: object = None
+    """The ``NF4Tensor`` itself ([E, R, C], or [R, C] shared), for kernels that dequantise in registers."""
+
+    def expert(self, e: int) -> QuantizedWeight:
+        """Expert ``e`` alone, as a [1, R, C] ``QuantizedWeight``."""
+        return QuantizedWeight((1, *self.shape[1:]), self.dtype, lambda a, b: self.dequantize(e + a, e + b),
+                               self.shared)
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """What an experts forward reads, whatever stores it (views are fine: stride 0 on E included)."""
 
-    w_in_EMD: Tensor
+    w_in_EMD: Tensor | QuantizedWeight
     """[E, M, D]: ``gate_up_proj`` (rows :F gate, F: up) or ``up_proj``."""
-    w_down_EDF: Tensor
+    w_down_EDF: Tensor | QuantizedWeight
     """[E, D, F]: ``down_proj``."""
     b_in_EM: Tensor | None = None
     b_down_ED: Tensor | None = None
@@ -74,7 +107,8 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
     routing); the triton kernels then skip their sort. Not checked.
     """
     weights, lowrank = _autocast(x_TD, weights, lowrank)
-    if backend == "triton" and lowrank is not None:
+    quantized = isinstance(weights.w_in_EMD, QuantizedWeight)
+    if backend == "triton" and (lowrank is not None or quantized):
         w = weights.w_in_EMD
         backend = "loop" if grouped_mm_unsupported(w.dtype, w.shape[-1], weights.w_down_EDF.shape[-1]) else "grouped_mm"
     if backend == "triton":
@@ -105,7 +139,8 @@ def _autocast(x_TD: Tensor, weights: ExpertWeights, lowrank: LowRank | None):
     dtype = torch.get_autocast_dtype(device)
 
     def cast(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
+        # A QuantizedWeight computes in the dtype its storage chose (bf16 on CUDA).
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
     weights = ExpertWeights(cast(weights.w_in_EMD), cast(weights.w_down_EDF), cast(weights.b_in_EM),
                             cast(weights.b_down_ED))
@@ -127,6 +162,20 @@ def _lowrank_term(x_NI: Tensor, a_RI: Tensor, b_OR: Tensor, lr: LowRank, out_dty
     return (F.linear(F.linear(x_NI, a_RI), b_OR) * lr.scaling).to(out_dtype)
 
 
+def _per_expert(w: Tensor | QuantizedWeight) -> list:
+    if isinstance(w, QuantizedWeight):
+        return [w.expert(e) for e in range(w.shape[0])]
+    return list(w.unbind(0))
+
+
+def _linear(x_NI: Tensor, w: Tensor | QuantizedWeight, b: Tensor | None) -> Tensor:
+    """``x W^T + b`` of one expert (W quantised: dequantised for the call, again in backward)."""
+    if isinstance(w, QuantizedWeight):
+        y = _QuantizedGroupedLinear.apply(x_NI, w, [x_NI.shape[0]], False)
+        return y if b is None else y + b
+    return F.linear(x_NI, w, b)
+
+
 def _forward_loop(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeights, activate, lr) -> Tensor:
     w_in = w.w_in_EMD
     # float32 (or wider) accumulator: bf16 sums over K experts would round at every add.
@@ -135,7 +184,7 @@ def _forward_loop(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeights, a
     tok_A, _, w_A, counts_E = sort_by_expert(token_idx_A, expert_idx_A, weight_A, w_in.shape[0])
     # unbind once: indexing w[e] per expert would make autograd build a full [E, ...] zero
     # gradient per expert in backward (O(E^2) work).
-    w_in_E, w_down_E = w_in.unbind(0), w.w_down_EDF.unbind(0)
+    w_in_E, w_down_E = _per_expert(w_in), _per_expert(w.w_down_EDF)
     b_in_E = w.b_in_EM.unbind(0) if w.b_in_EM is not None else None
     b_down_E = w.b_down_ED.unbind(0) if w.b_down_ED is not None else None
     if lr is not None:
@@ -148,11 +197,11 @@ def _forward_loop(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeights, a
         tok_N, w_N = tok_A[start:start + n], w_A[start:start + n]
         start += n
         x_ND = x_TD[tok_N].to(w_in.dtype)
-        h_NM = F.linear(x_ND, w_in_E[e], None if b_in_E is None else b_in_E[e])
+        h_NM = _linear(x_ND, w_in_E[e], None if b_in_E is None else b_in_E[e])
         if lr is not None:
             h_NM = h_NM + _lowrank_term(x_ND, a_in_E[e], b_in_lr_E[e], lr, h_NM.dtype)
         h_NF = activate(h_NM)
-        out_ND = F.linear(h_NF, w_down_E[e], None if b_down_E is None else b_down_E[e])
+        out_ND = _linear(h_NF, w_down_E[e], None if b_down_E is None else b_down_E[e])
         if lr is not None:
             out_ND = out_ND + _lowrank_term(h_NF, a_down_E[e], b_down_lr_E[e], lr, out_ND.dtype)
         y_TD.index_add_(0, tok_N, out_ND.to(acc) * w_N.unsqueeze(-1).to(acc))
@@ -179,13 +228,13 @@ def _forward_grouped_mm(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeig
     tok_A, exp_A, w_A, counts_E = sort_by_expert(token_idx_A, expert_idx_A, weight_A, w_in.shape[0])
     offs_E = counts_E.cumsum(0).to(torch.int32)
     x_AD = x_TD[tok_A].to(w_in.dtype)
-    h_AM = grad_contiguous(F.grouped_mm(x_AD, w_in.transpose(-2, -1), offs=offs_E))
+    h_AM = _grouped_linear(x_AD, w_in, offs_E, counts_E)
     if lr is not None:
         h_AM = h_AM + _lowrank_grouped(x_AD, lr.a_in_ERD, lr.b_in_EMR, lr, offs_E, counts_E, h_AM.dtype)
     if w.b_in_EM is not None:
         h_AM = h_AM + w.b_in_EM[exp_A]
     h_AF = activate(h_AM)
-    out_AD = grad_contiguous(F.grouped_mm(h_AF, w.w_down_EDF.transpose(-2, -1), offs=offs_E))
+    out_AD = _grouped_linear(h_AF, w.w_down_EDF, offs_E, counts_E)
     if lr is not None:
         out_AD = out_AD + _lowrank_grouped(h_AF, lr.a_down_ERF, lr.b_down_EDR, lr, offs_E, counts_E, out_AD.dtype)
     if w.b_down_ED is not None:
@@ -193,6 +242,64 @@ def _forward_grouped_mm(x_TD, token_idx_A, expert_idx_A, weight_A, w: ExpertWeig
     y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     y_TD.index_add_(0, tok_A, out_AD.float() * w_A.unsqueeze(-1).float())
     return y_TD.to(x_TD.dtype)
+
+
+def _grouped_linear(x_AI: Tensor, w: Tensor | QuantizedWeight, offs_E: Tensor, counts_E: Tensor) -> Tensor:
+    """Per expert e, its expert-sorted rows of x [A, I] times ``w[e]^T`` -> [A, O]."""
+    if isinstance(w, QuantizedWeight):
+        return _QuantizedGroupedLinear.apply(x_AI, w, counts_E.tolist(), True)
+    return grad_contiguous(F.grouped_mm(x_AI, w.transpose(-2, -1), offs=offs_E))
+
+
+def _quantized_matmul(x_NK: Tensor, w: QuantizedWeight, counts: list[int], transpose: bool, grouped: bool) -> Tensor:
+    """Expert-sorted rows of x times ``w[e]^T`` (``transpose``: times ``w[e]``), one block of experts dequantised
+    at a time. x [N, C] -> [N, R] (``transpose``: x [N, R] -> [N, C]); ``grouped``: grouped_mm per block, else
+    one matmul per expert."""
+    E, R, C = w.shape
+    out = x_NK.new_empty(x_NK.shape[0], C if transpose else R)
+    per_expert = R * C * torch.empty(0, dtype=w.dtype).element_size()
+    shared_view = w.dequantize(0, E) if w.shared else None  # one matrix: dequantised once for every block
+    # A shared base's stride-0 view costs nothing on the CPU: one block. Elsewhere blocks are made contiguous.
+    block = E if w.shared and not x_NK.is_cuda else max(1, DEQUANT_BLOCK_BYTES // max(per_expert, 1))
+    row = 0
+    for e0 in range(0, E, block):
+        e1 = min(E, e0 + block)
+        rows = counts[e0:e1]
+        n = sum(rows)
+        if n == 0:  # no token routed to these experts: nothing to dequantise
+            continue
+        w_BRC = shared_view[e0:e1] if shared_view is not None else w.dequantize(e0, e1)
+        if x_NK.is_cuda and w_BRC.stride(0) == 0:
+            w_BRC = w_BRC.contiguous()  # CUDA grouped_mm: a stride-0 expert dim is not relied on
+        x_blk = x_NK[row:row + n]
+        if grouped:
+            offs = torch.tensor(rows, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NK.device)
+            y = F.grouped_mm(x_blk, w_BRC if transpose else w_BRC.transpose(-2, -1), offs=offs)
+        else:
+            parts = [x_e @ w_BRC[i] if transpose else F.linear(x_e, w_BRC[i])
+                     for i, x_e in enumerate(x_blk.split(rows)) if rows[i]]
+            y = torch.cat(parts)
+        out[row:row + n] = y
+        row += n
+        del w_BRC
+    return out
+
+
+class _QuantizedGroupedLinear(torch.autograd.Function):
+    """``_grouped_linear`` for a ``QuantizedWeight``: y = x W_e^T per expert, W dequantised a block at a time in
+    forward and again in backward (dx = dy W_e); nothing dense is saved, and W gets no gradient (frozen)."""
+
+    @staticmethod
+    def forward(ctx, x_AI: Tensor, w: QuantizedWeight, counts: list[int], grouped: bool) -> Tensor:
+        ctx.w, ctx.counts, ctx.grouped = w, counts, grouped
+        return _quantized_matmul(x_AI, w, counts, False, grouped)
+
+    @staticmethod
+    def backward(ctx, dy_AO: Tensor):
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _quantized_matmul(dy_AO.contiguous(), ctx.w, ctx.counts, True, ctx.grouped)
+        return dx, None, None, None
 
 
 class _GradContiguous(torch.autograd.Function):

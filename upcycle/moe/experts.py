@@ -6,7 +6,8 @@ storage only says where its weights come from (``expert_weights()``):
 
 * ``StackedExperts`` (here): plain 3-D parameters, the checkpoint layout;
 * ``SharedStackedExperts`` (``upcycle.adapters.shared``): one frozen copy seen as E views;
-* ``NF4StackedExperts`` (``upcycle.adapters.qlora``): 4-bit, dequantised per forward.
+* ``NF4StackedExperts`` (``upcycle.adapters.qlora``): 4-bit, dequantised a block of experts at a
+  time inside the compute (``compute_weights()``: ``QuantizedWeight``s).
 
 Parameter names and layouts follow transformers v5 (they are the checkpoint contract):
 gated ``gate_up_proj`` [E, 2F, D] (rows :F gate, F: up) and ``down_proj`` [E, D, F];
@@ -56,6 +57,11 @@ class ExpertsBase(nn.Module):
     def expert_weights(self) -> ExpertWeights:
         raise NotImplementedError
 
+    def compute_weights(self) -> ExpertWeights:
+        """What ``forward`` hands the experts compute: ``expert_weights()``, unless the storage has a
+        cheaper form the compute understands (NF4: ``QuantizedWeight``s, never dequantised whole)."""
+        return self.expert_weights()
+
     @property
     def weight_dtype(self) -> torch.dtype:
         raise NotImplementedError
@@ -93,7 +99,7 @@ class ExpertsBase(nn.Module):
         ``expert_major``: assignments grouped by expert, A/E each (expert choice; not checked).
         ``lowrank``: per-expert LoRA deltas on both projections (``LoraExperts`` passes them).
         """
-        return experts_forward(x_TD, token_idx_A, expert_idx_A, weight_A, self.expert_weights(), gated=self.gated,
+        return experts_forward(x_TD, token_idx_A, expert_idx_A, weight_A, self.compute_weights(), gated=self.gated,
                                activation=self.activation, backend=self.resolved_backend(), lowrank=lowrank,
                                expert_major=expert_major)
 

@@ -57,7 +57,8 @@ def route_sample(model: nn.Module, sequences: list[dict], *, micro_batch_size: i
     ctx = autocast or (lambda: torch.autocast("cpu", enabled=False))
     try:
         for i in range(0, len(sequences), micro_batch_size):
-            batch = collate(sequences[i:i + micro_batch_size], pad_id=pad_id)
+            rows = [{"input_ids": ex["input_ids"], "labels": ex["input_ids"]} for ex in sequences[i:i + micro_batch_size]]
+            batch = collate(rows, pad_id=pad_id)
             with ctx():
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     finally:
