@@ -30,7 +30,9 @@ steps (``optimizer_state_bytes``). Modes:
 * ``lora-esft``: as ``lora``, with expert adapters on those experts only.
 
 Each mode runs in a fresh subprocess (``--one MODE``), which prints one JSON line. Memory:
-on CPU the process RSS sampled every 20 ms (psutil), minus the RSS right after the imports;
+on CPU the process RSS sampled every 20 ms (psutil), minus the RSS right after the imports,
+with glibc's mmap threshold fixed at 1 MB (``MALLOC_MMAP_THRESHOLD_``) so that a freed tensor
+leaves the RSS at once ("train peak MB": the steps only, what the experts compute changes);
 on CUDA ``torch.cuda.max_memory_allocated``. "peak" is over the child's whole run: loading
 (and quantising: the fp32 checkpoint is loaded first) and the training steps (weights,
 gradients, optimizer state, activations); "after load" is the memory held once the model is
@@ -266,7 +268,10 @@ def run_modes(args) -> list[dict]:
                "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
                "--rank", str(args.rank), "--lr", str(args.lr), "--max-rss-gb", str(args.max_rss_gb)]
         t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        # A fixed mmap threshold: glibc otherwise raises it (up to 32 MB) after the first large free, and
+        # keeps freed tensors below it in its heap, so RSS would count memory the process no longer uses.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         row = json.loads(lines[-1]) if lines else {"mode": mode, "optim": optim}
         if p.returncode != 0 and "error" not in row:

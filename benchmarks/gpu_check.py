@@ -66,6 +66,8 @@ TARGETS = [  # part 3 of issue 9: (what, shape, measured quantity, lower bound)
     ("fine-grained fwd+bwd >= 0.55x dense", "fine-grained", "fwd_bwd_x_dense", 0.55),
     ("fine-grained fwd+bwd >= 2x grouped_mm", "fine-grained", "fwd_bwd_x_grouped_mm", 2.0),
     ("expert choice within 5% of top-K (fwd+bwd TFLOP/s)", "smollm2-ec", "fwd_bwd_x_topk", 0.95),
+    # issue 13, part 2: NF4 experts (tiles decoded in the kernels) within 1.3x of the bf16 triton forward's time
+    ("Llama-3-8B NF4 fwd within 1.3x of bf16 triton fwd", "llama3-8b", "nf4_fwd_x_triton", 1 / 1.3),
 ]
 
 
@@ -190,6 +192,9 @@ def _targets(rows: list[dict]) -> list[dict]:
         if quantity == "fwd_bwd_x_grouped_mm":
             gm = by.get((shape, "grouped_mm"))
             value = tri["fwd_bwd_tflops"] / gm["fwd_bwd_tflops"] if gm else None
+        elif quantity == "nf4_fwd_x_triton":
+            q = by.get((shape, "triton-nf4"))
+            value = q["fwd_tflops"] / tri["fwd_tflops"] if q else None
         elif quantity == "fwd_bwd_x_topk":
             topk = by.get((shape.removesuffix("-ec"), "triton"))
             value = tri["fwd_bwd_tflops"] / topk["fwd_bwd_tflops"] if topk else None
@@ -209,7 +214,7 @@ def stage_speed(st: Stage, ctx: dict) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     # The CPU smoke runs the same code at toy sizes, without triton (its interpreter is no benchmark).
     T, div, reps = (16384, 1, 5) if cuda else (32, 16, 1)
-    backends = ["triton", "grouped_mm", "loop"] if cuda else ["grouped_mm", "loop"]
+    backends = ["triton", "triton-nf4", "grouped_mm", "loop"] if cuda else ["grouped_mm", "grouped_mm-nf4", "loop"]
     st.data["setup"] = f"T={T} tokens, {str(dtype).removeprefix('torch.')}, backends {', '.join(backends)}" + (
         "" if cuda else f"; CPU smoke: D, F and E divided by {div}, {div}, 8")
     for name, (D, Fn, E, routing, k) in bench.SHAPES.items():
@@ -300,7 +305,7 @@ def write_report(out: Path, header: dict, stages: list[dict]) -> None:
         if s["rows"]:
             md += [""] + _md_table(s["rows"], COLUMNS.get(s["name"], list(s["rows"][0])))
         if s["data"].get("targets"):
-            md += ["", "Speed targets (issue 9, part 3):", ""]
+            md += ["", "Speed targets (issue 9, part 3; issue 13, part 2):", ""]
             md += _md_table(s["data"]["targets"], ["target", "measured", "met"])
         md += [f"* {n}" for n in s["notes"]]
     (out / "gpu-report.md").write_text("\n".join(md) + "\n")

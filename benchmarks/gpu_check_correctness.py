@@ -1,4 +1,5 @@
-"""Stage 3 of ``gpu_check.py``: the triton experts against a float32 loop, the NF4 dequant kernel against torch.
+"""Stage 3 of ``gpu_check.py``: the triton experts against a float32 loop, NF4 experts (decoded in the
+kernels) against the same kernels on dequantised weights, the NF4 dequant kernel against torch.
 
     python benchmarks/gpu_check.py --stages correctness
 
@@ -122,6 +123,48 @@ def _nf4_case(numel: tuple, dtype, double: bool, device) -> dict:
             "double_quant": double, "ok": bool(same), "bit_exact": bool(same)}
 
 
+def _nf4_experts_case(name: str, shape: tuple, dtype, T: int, device, tolerances) -> dict:
+    """NF4 experts on the triton backend (tiles decoded in the kernels) against the same kernels on the
+    dequantised weights: forward, dx and d(combine weights). Bit for bit under the CPU interpreter
+    (a test); on a GPU the NF4 launches compile without fp fusion, so the epilogues may round apart."""
+    import torch
+
+    from upcycle.adapters import NF4StackedExperts
+    from upcycle.moe import StackedExperts
+
+    D, Fn, E, routing, k, gated, bias, act = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(("nf4 " + name).encode()))
+    ex = StackedExperts(E, D, Fn, gated=gated, activation=act, bias=bias, device=device)
+    q = NF4StackedExperts.from_experts(ex, shared_base=False, compute_dtype=dtype)
+    w = q.expert_weights()
+    ref = StackedExperts(E, D, Fn, gated=gated, activation=act, bias=bias, dtype=dtype, device=device)
+    with torch.no_grad():
+        ref.w_in_EMD.copy_(w.w_in_EMD)
+        ref.down_proj.copy_(w.w_down_EDF)
+        if bias:
+            ref.b_in_EM.copy_(w.b_in_EM)
+            ref.down_proj_bias.copy_(w.b_down_ED)
+    del w
+    ref.requires_grad_(False)
+    q.backend = ref.backend = "triton"
+    tok, exp, wts, expert_major = _routing(T, E, routing, k, device, gen)
+    x0 = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype)
+    grad_out = torch.randn(T, D, generator=gen).to(device=device, dtype=dtype)
+    results = []
+    for m in (q, ref):
+        x, wa = x0.clone().requires_grad_(), wts.clone().requires_grad_()
+        y = m(x, tok, exp, wa, expert_major=expert_major)
+        y.backward(grad_out)
+        results.append({"y": y.detach(), "dx": x.grad, "dw": wa.grad})
+    tol = tolerances[dtype]
+    checks = {n: _compare(results[0][n], results[1][n], tol) for n in results[1]}
+    exact = all(torch.equal(results[0][n], results[1][n]) for n in results[1])
+    return {"case": f"nf4 experts {name}", "dtype": str(dtype).removeprefix("torch."), "T": T,
+            "ok": all(c["ok"] for c in checks.values()), "bit_exact": exact,
+            "worst_rel_norm": max(c["rel_norm"] for c in checks.values()),
+            "failed": ", ".join(n for n, c in checks.items() if not c["ok"]), "checks": checks}
+
+
 def _tolerances() -> dict:
     """The one tolerance table (tests/tolerances.py; tests/ is no package)."""
     spec = importlib.util.spec_from_file_location("upcycle_test_tolerances", ROOT / "tests" / "tolerances.py")
@@ -148,6 +191,16 @@ def stage_correctness(st, ctx: dict) -> None:
                                 "error": _one_line(e)})
             if device == "cuda":
                 torch.cuda.empty_cache()
+    nf4_shapes = ["tiny-topk", "tiny-ec"] if ctx["smoke"] else ["smollm2", "llama3-8b", "smollm2-ec"]
+    for name in nf4_shapes:
+        if st.out_of_time(f"nf4 experts {name}"):
+            break
+        try:
+            st.rows.append(_nf4_experts_case(name, shapes[name], torch.bfloat16, T, device, tolerances))
+        except Exception as e:
+            st.rows.append({"case": f"nf4 experts {name}", "dtype": "bfloat16", "ok": False, "error": _one_line(e)})
+        if device == "cuda":
+            torch.cuda.empty_cache()
     sizes = [(7, 130)] if ctx["smoke"] else [(4096, 14336), (1000, 999)]
     for numel in sizes:
         for dtype in (torch.bfloat16, torch.float32, torch.float16):

@@ -1,7 +1,7 @@
 """Experts-layer benchmark: each experts backend against a dense matmul of the same FLOPs.
 
     python benchmarks/moe_layer.py [--tokens 16384] [--shapes smollm2,smollm2-ec,llama3-8b,fine-grained]
-                                   [--backends triton,grouped_mm,loop] [--reps 20]
+                                   [--backends triton,triton-nf4,grouped_mm,loop] [--reps 20]
 
 Times one ``StackedExperts`` layer (the whole forward of each backend: grouped_mm includes
 its permute and unpermute, triton its sort), forward (under ``torch.no_grad``, as in
@@ -11,6 +11,12 @@ allocated during one forward+backward, above what was allocated before it (weigh
 forward+backward 18*A*D*F for A = T*K assignments (expert choice: K = capacity C). The
 dense reference is ``torch.matmul`` of [A, D] x [D, F] in the same dtype, measured in the
 same run; "x dense" is a backend's TFLOP/s over the dense one's.
+
+A backend name ending in ``-nf4`` runs the same experts quantised to NF4 (``NF4StackedExperts``,
+QLoRA's frozen base, per-expert codes, compute in the benchmark's dtype) on that backend: on
+``triton`` the kernels decode the codes in registers; forward+backward differentiates x and the
+combine weights only (the weights are frozen), so its FLOPs are counted as 12*A*D*F (two GEMMs
+per projection, none for weight gradients).
 
 On CUDA: bf16, ``--tokens`` tokens, all backends, timed with ``triton.testing.do_bench``.
 On a CPU-only machine: float32, the CPU backends only (loop, grouped_mm; triton's CPU
@@ -97,23 +103,32 @@ def bench_shape(name: str, T: int, D: int, Fn: int, E: int, routing: str, k: int
     ex = StackedExperts(E, D, Fn, gated=True, activation="silu", dtype=dtype, device=device)
     x = torch.randn(T, D, dtype=dtype, device=device)
     grad_out = torch.randn(T, D, dtype=dtype, device=device)
+    nf4 = None
     for backend in backends:
-        ex.backend = backend
-        kw = dict(expert_major=True) if expert_major and backend == "triton" else {}
+        module = ex
+        if backend.endswith("-nf4"):
+            from upcycle.adapters import NF4StackedExperts
+
+            if nf4 is None:
+                nf4 = NF4StackedExperts.from_experts(ex, shared_base=False, compute_dtype=dtype)
+            module = nf4
+        module.backend = backend.removesuffix("-nf4")
+        kw = dict(expert_major=True) if expert_major and module.backend == "triton" else {}
 
         def fwd():
             with torch.no_grad():
-                return ex(x, tok, exp, w, **kw)
+                return module(x, tok, exp, w, **kw)
 
         def fwd_bwd():
-            ex.zero_grad(set_to_none=True)
+            module.zero_grad(set_to_none=True)
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-            ex(xg, tok, exp, wg, **kw).backward(grad_out)
+            module(xg, tok, exp, wg, **kw).backward(grad_out)
 
         f_ms = _time_ms(fwd, reps, cuda)
         fb_ms = _time_ms(fwd_bwd, reps, cuda)
-        f_tf, fb_tf = flops_fwd / f_ms / 1e9, 3 * flops_fwd / fb_ms / 1e9
-        ex.zero_grad(set_to_none=True)
+        fb_flops = (2 if module is nf4 else 3) * flops_fwd  # frozen NF4 weights: no weight-gradient GEMMs
+        f_tf, fb_tf = flops_fwd / f_ms / 1e9, fb_flops / fb_ms / 1e9
+        module.zero_grad(set_to_none=True)
         rows.append((name, backend, f_ms, f_tf, fb_ms, fb_tf, f_tf / dense_tflops, fb_tf / dense_tflops,
                      _peak_mib(fwd_bwd, cuda)))
     ex.zero_grad(set_to_none=True)
@@ -124,7 +139,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch on CUDA (CPU: fixed 512)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
-    p.add_argument("--backends", default=None, help="default: triton,grouped_mm,loop on CUDA; grouped_mm,loop on CPU")
+    p.add_argument("--backends", default=None, help="default: triton,grouped_mm,loop on CUDA; grouped_mm,loop on CPU "
+                                                     "(a name ending in -nf4: the same experts in NF4 on that backend)")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()

@@ -238,6 +238,19 @@ def test_custom_ops_pass_opcheck_and_compile_traces_through():
         (ops.experts_dx, (dz, tok, offs, w_in, T, None)),
         (ops.experts_weight_grad, (dy, h, tok, w, offs, True, False, True)),
     ]
+    from upcycle.adapters.nf4 import quantize_nf4
+
+    def nf4(w):  # an NF4 weight as the NF4 ops take it: codes, fp32 absmax, [E, R, C], shared, blocksize
+        q = quantize_nf4(w.cpu())
+        return q.packed.to(DEVICE), q.absmax_fp32().to(DEVICE), list(w.shape), False, 64
+
+    q_in, q_down = nf4(w_in), nf4(w_down)
+    cases += [
+        (ops.experts_up_nf4, (x, tok, offs, *q_in, b_in, True, 0, True, None)),
+        (ops.experts_down_nf4, (h, tok, w, offs, *q_down, b_down, T, None)),
+        (ops.experts_dh_nf4, (dy, tok, w, offs, *q_down, b_down, z, True, 0, None)),
+        (ops.experts_dx_nf4, (dz, tok, offs, *q_in, T, None)),
+    ]
     for op, args in cases:
         # Skip the autograd registration check: these ops are differentiated by the Function above them.
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
@@ -252,6 +265,59 @@ def test_custom_ops_pass_opcheck_and_compile_traces_through():
     ex(xe, tok, exp_sorted, we).square().sum().backward()
     torch.testing.assert_close(xg.grad, xe.grad, **F32)
     torch.testing.assert_close(wg.grad, we.grad, **F32)
+
+
+@pytest.mark.parametrize("dtype, gated, bias, shared, double, expert_major", [
+    (torch.float32, True, False, False, True, False),
+    (torch.bfloat16, True, True, False, True, False),
+    (torch.bfloat16, False, True, True, True, False),
+    (torch.float16, True, False, False, False, True),
+])
+def test_nf4_weights_decoded_in_the_kernels_equal_dequantise_then_gemm(dtype, gated, bias, shared, double, expert_major,
+                                                                       monkeypatch):
+    """NF4 experts on the triton backend read codes and constants in the kernels (forward, dx, d weight):
+    bit for bit what the same kernels compute on the dequantised weights, and nothing is dequantised."""
+    from upcycle.adapters import qlora
+    from upcycle.adapters.qlora import NF4StackedExperts
+
+    E, D, Fn, T = 4, 40, 56, 9  # not multiples of the tiles; 4 * 56 * 40 elements: several absmax blocks per row
+    ex = _experts(E, D, Fn, gated, bias, seed=3).cpu()
+    if shared:
+        with torch.no_grad():
+            for p in ex.parameters():
+                p.copy_(p[:1].expand_as(p))
+    q = NF4StackedExperts.from_experts(ex, shared_base=shared, double_quant=double, compute_dtype=dtype).to(DEVICE)
+    w = q.expert_weights()  # the dequantise-then-GEMM reference: the same kernels on dense weights
+    ref = StackedExperts(E, D, Fn, gated=gated, activation=ex.activation, bias=bias, dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        for name, t in ((ref.up_name, w.w_in_EMD), ("down_proj", w.w_down_EDF), (f"{ref.up_name}_bias", w.b_in_EM),
+                        ("down_proj_bias", w.b_down_ED)):
+            if t is not None:
+                getattr(ref, name).copy_(t)
+    ref.requires_grad_(False)
+    q.backend = ref.backend = "triton"
+    if expert_major:  # expert choice: 3 tokens per expert
+        tok = torch.randperm(T, generator=_gen(4))[:3].repeat(E).to(DEVICE)
+        exp = torch.arange(E).repeat_interleave(3).to(DEVICE)
+        w_a = torch.rand(3 * E, generator=_gen(5)).to(DEVICE)
+    else:
+        tok, exp, w_a = _random_assignments(T, E, 2 * T, 6, empty_experts=(2,))
+
+    def no_dequant(*a, **k):
+        raise AssertionError("the NF4 kernels must not dequantise the weights")
+
+    outs = []
+    for m in (ref, q):
+        if m is q:
+            monkeypatch.setattr(qlora, "dequantize_nf4", no_dequant)
+            monkeypatch.setattr(qlora, "dequantize_nf4_range", no_dequant)
+        x = torch.randn(T, D, generator=_gen(7)).to(dtype).to(DEVICE).requires_grad_()
+        wa = w_a.clone().requires_grad_()
+        y = m(x, tok, exp, wa, expert_major=expert_major)
+        y.float().pow(2).sum().backward()
+        outs.append((y, x.grad, wa.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -287,6 +353,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     I = {"tok_ptr": "*i64", "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "offs_ptr": "*i32",
          "scale_ptr": "*fp32", "out_ptr": "*fp32", "dscale_ptr": "*fp32"}
     base = dict(PRECISION="ieee", WIDEN=False)
+    dense = dict(NF4=False, QBLOCK=1)  # the up, scatter and dh kernels' dense weights
     up = dict(F=F, D=D, stride_xt=D, stride_xd=1, stride_we=M * D, stride_wm=D, stride_wd=1, stride_be=M,
               stride_bm=1, stride_ha=F, stride_hf=1, stride_za=M, stride_zm=1)
     down = dict(N=D, K=F, stride_aa=F, stride_ak=1, stride_we=D * F, stride_wk=1, stride_wn=F, stride_be=D,
@@ -295,9 +362,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               stride_bd=1, stride_za=M, stride_zm=1, stride_dza=M, stride_dzm=1)
     wg = dict(MW=M, NW=D, stride_lr=M, stride_lm=1, stride_rr=D, stride_rn=1, stride_dwe=M * D, stride_dwm=D,
               stride_dwn=1, stride_dbe=M, stride_dbm=1)
-    print(compile_(gg.up_gather_kernel, up, I, dict(GATED=True, ACT=0, HAS_BIAS=True, SAVE_Z=True, BLOCK_M=64, **base)))
-    print(compile_(gg.scatter_gemm_kernel, down, I, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK_M=64, **base)))
-    print(compile_(gg.dh_gather_kernel, dh, I, dict(GATED=True, ACT=1, HAS_BIAS=True, BLOCK_M=64, **base)))
+    print(compile_(gg.up_gather_kernel, up, I, dict(GATED=True, ACT=0, HAS_BIAS=True, SAVE_Z=True, BLOCK_M=64, **base,
+                                                    **dense)))
+    print(compile_(gg.scatter_gemm_kernel, down, I, dict(HAS_SCALE=True, HAS_BIAS=True, BLOCK_M=64, **base, **dense)))
+    print(compile_(gg.dh_gather_kernel, dh, I, dict(GATED=True, ACT=1, HAS_BIAS=True, BLOCK_M=64, **base, **dense)))
     print(compile_(gg.weight_grad_kernel, wg, I, dict(L_GATHER=False, L_SCALE=False, R_GATHER=True, HAS_BIAS=True,
                                                       **base)))
 """)

@@ -534,3 +534,8 @@ def test_dtype_casts_leave_the_quantised_storage_alone():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
     # 2048 weights: 4 bits + 8 per 64 + one fp32 absmax2 and one fp32 offset for the tensor.
     assert math.isclose(lin.nf4("weight").bits_per_param, 4 + 8 / 64 + 64 / 2048)
+
+
+def test_the_kernels_nf4_literals_are_the_code_table():
+    nf4_kernel = pytest.importorskip("upcycle_kernels.nf4", reason="triton is not installed")
+    assert torch.equal(torch.tensor(nf4_kernel.NF4_VALUES, dtype=torch.float32), torch.tensor(NF4_CODE))

@@ -16,12 +16,22 @@ To run the kernels without a GPU set ``TRITON_INTERPRET=1`` before triton is imp
 """
 
 from upcycle_kernels.activations import ACTIVATIONS, activation_code
-from upcycle_kernels.autograd import SUPPORTED_DTYPES, MoEExpertsFunction, expert_offsets, moe_experts, unsupported
+from upcycle_kernels.autograd import (
+    SUPPORTED_DTYPES,
+    MoEExpertsFunction,
+    MoEExpertsNF4Function,
+    expert_offsets,
+    moe_experts,
+    unsupported,
+)
+from upcycle_kernels.launch import NF4Weight
 from upcycle_kernels.tuning import interpreting
 
 __all__ = [
     "ACTIVATIONS",
     "MoEExpertsFunction",
+    "MoEExpertsNF4Function",
+    "NF4Weight",
     "SUPPORTED_DTYPES",
     "activation_code",
     "expert_offsets",

@@ -65,6 +65,8 @@ class Spec:
             parts.append(ACT_NAMES[c["ACT"]])
         if "BLOCK_M" in c:
             parts.append(f"BM={c['BLOCK_M']}")
+        if c.get("NF4"):
+            parts.append("nf4")
         return " ".join(parts + list(self.tags))
 
 
@@ -102,23 +104,38 @@ def _schedule(s):
                 offs_ptr=_meta(s["E"] + 1, dtype=torch.int32))
 
 
-def _up(dt, gated, has_bias, save_z, s):
+WEIGHTS = ("dense", "nf4")
+"""How the up, scatter and dh kernels read their weight: dense, or NF4 codes with fp32 absmax."""
+
+
+def _weight_args(w, weights: str, numel: int) -> tuple[dict, dict]:
+    """(w_ptr and absmax_ptr, their constexprs) as ``launch._weight`` passes them for ``w`` (a meta
+    tensor: its strides are the element strides the NF4 view takes too)."""
+    if weights == "dense":
+        return dict(w_ptr=w, absmax_ptr=w), dict(NF4=False, QBLOCK=1)
+    return dict(w_ptr=_meta(numel // 2, dtype=torch.uint8), absmax_ptr=_meta(numel // 64, dtype=torch.float32)), \
+        dict(NF4=True, QBLOCK=64)
+
+
+def _up(dt, gated, has_bias, save_z, s, weights="dense"):
     """launch.up_gather."""
     E, D, Fn = s["E"], s["D"], s["F"]
     M, A = (2 * Fn if gated else Fn), 2 * s["T"]
     x, w, h = _meta(s["T"], D, dtype=dt), _meta(E, M, D, dtype=dt), _meta(A, Fn, dtype=dt)
-    b = _meta(E, M, dtype=dt) if has_bias else w
+    b = _meta(E, M, dtype=dt) if has_bias else (w if weights == "dense" else x)
     z = _meta(A if save_z else 0, M, dtype=dt)
     z_strides = z.stride() if save_z else (0, 0)
-    ptrs = dict(x_ptr=x, tok_ptr=_meta(A, dtype=torch.int64), w_ptr=w, b_ptr=b, h_ptr=h, z_ptr=z, **_schedule(s))
+    wp, c = _weight_args(w, weights, E * M * D)
+    ptrs = dict(x_ptr=x, tok_ptr=_meta(A, dtype=torch.int64), b_ptr=b, h_ptr=h, z_ptr=z, **wp, **_schedule(s))
     ints = dict(F=Fn, D=D, stride_xt=x.stride(0), stride_xd=x.stride(1), stride_we=w.stride(0), stride_wm=w.stride(1),
                 stride_wd=w.stride(2), stride_be=b.stride(0), stride_bm=b.stride(1), stride_ha=h.stride(0),
                 stride_hf=h.stride(1), stride_za=z_strides[0], stride_zm=z_strides[1])
-    return ptrs, ints
+    return ptrs, ints, c
 
 
-def _scatter(dt, site, has_bias, s):
-    """launch.scatter_gemm as ops.experts_down (site "down": h @ w_down^T) and ops.experts_dx ("dx": dz @ w_in)."""
+def _scatter(dt, site, has_bias, s, weights="dense"):
+    """launch.scatter_gemm as ops.experts_down (site "down": h @ w_down^T) and ops.experts_dx ("dx": dz @ w_in),
+    and their NF4 twins (ops.experts_down_nf4, ops.experts_dx_nf4)."""
     E, D, Fn, T = s["E"], s["D"], s["F"], s["T"]
     A, M = 2 * T, 2 * Fn
     if site == "down":
@@ -127,29 +144,31 @@ def _scatter(dt, site, has_bias, s):
     else:
         a, w_EKN, scale = _meta(A, M, dtype=dt), _meta(E, M, D, dtype=dt), None
     tok = _meta(A, dtype=torch.int64)
-    b = _meta(E, w_EKN.shape[2], dtype=dt) if has_bias else w_EKN[:, 0]
+    b = _meta(E, w_EKN.shape[2], dtype=dt) if has_bias else (w_EKN[:, 0] if weights == "dense" else a)
     out = _meta(T, w_EKN.shape[2], dtype=torch.float32)
-    ptrs = dict(a_ptr=a, tok_ptr=tok, scale_ptr=scale if scale is not None else tok, w_ptr=w_EKN, b_ptr=b, out_ptr=out,
+    wp, c = _weight_args(w_EKN, weights, w_EKN.numel())
+    ptrs = dict(a_ptr=a, tok_ptr=tok, scale_ptr=scale if scale is not None else tok, b_ptr=b, out_ptr=out, **wp,
                 **_schedule(s))
     ints = dict(N=w_EKN.shape[2], K=w_EKN.shape[1], stride_aa=a.stride(0), stride_ak=a.stride(1),
                 stride_we=w_EKN.stride(0), stride_wk=w_EKN.stride(1), stride_wn=w_EKN.stride(2), stride_be=b.stride(0),
                 stride_bn=b.stride(1), stride_ot=out.stride(0), stride_on=out.stride(1))
-    return ptrs, ints, dict(HAS_SCALE=scale is not None, HAS_BIAS=has_bias)
+    return ptrs, ints, dict(HAS_SCALE=scale is not None, HAS_BIAS=has_bias, **c)
 
 
-def _dh(dt, gated, has_bias, s):
+def _dh(dt, gated, has_bias, s, weights="dense"):
     """launch.dh_gather."""
     E, D, Fn, T = s["E"], s["D"], s["F"], s["T"]
     A, M = 2 * T, (2 * Fn if gated else Fn)
     dy, w = _meta(T, D, dtype=dt), _meta(E, D, Fn, dtype=dt)
-    b = _meta(E, D, dtype=dt) if has_bias else w[:, :, 0]
+    b = _meta(E, D, dtype=dt) if has_bias else (w[:, :, 0] if weights == "dense" else dy)
     z, dz = _meta(A, M, dtype=dt), _meta(A, M, dtype=dt)
-    ptrs = dict(dy_ptr=dy, tok_ptr=_meta(A, dtype=torch.int64), scale_ptr=_meta(A, dtype=torch.float32), w_ptr=w,
-                b_ptr=b, z_ptr=z, dz_ptr=dz, dscale_ptr=_meta(A, dtype=torch.float32), **_schedule(s))
+    wp, c = _weight_args(w, weights, E * D * Fn)
+    ptrs = dict(dy_ptr=dy, tok_ptr=_meta(A, dtype=torch.int64), scale_ptr=_meta(A, dtype=torch.float32),
+                b_ptr=b, z_ptr=z, dz_ptr=dz, dscale_ptr=_meta(A, dtype=torch.float32), **wp, **_schedule(s))
     ints = dict(F=Fn, D=D, stride_dyt=dy.stride(0), stride_dyd=dy.stride(1), stride_we=w.stride(0),
                 stride_wd=w.stride(1), stride_wf=w.stride(2), stride_be=b.stride(0), stride_bd=b.stride(1),
                 stride_za=z.stride(0), stride_zm=z.stride(1), stride_dza=dz.stride(0), stride_dzm=dz.stride(1))
-    return ptrs, ints
+    return ptrs, ints, c
 
 
 def _weight_grad(dt, site, has_bias, s):
@@ -180,8 +199,7 @@ def _nf4(out_dt, double, s):
     absmax = _meta(n // 64, dtype=torch.uint8 if double else torch.float32)
     other = _meta(1, dtype=torch.float32) if double else absmax
     ptrs = dict(packed_ptr=_meta(n // 2, dtype=torch.uint8), absmax_ptr=absmax, absmax2_ptr=other, offset_ptr=other,
-                code4_ptr=_meta(16, dtype=torch.float32),
-                code8_ptr=_meta(256, dtype=torch.float32) if double else other,
+                code8_ptr=_meta(256, dtype=torch.float32) if double else absmax,
                 out_ptr=_meta(n, dtype=out_dt))
     return ptrs, dict(n=n)
 
@@ -207,13 +225,16 @@ def _domain(kernel):
     acts = sorted(set(ACTIVATIONS.values()))
     tiles = sorted(launch.ROW_TILE_HEIGHTS, reverse=True)
     shape = ["aligned", "ragged"]
+    weights = list(WEIGHTS)
     if kernel == "up":
         return dict(dtype=dtypes, GATED=[True, False], BLOCK_M=tiles, ACT=acts, HAS_BIAS=[False, True],
-                    SAVE_Z=[True, False], shape=shape)
+                    SAVE_Z=[True, False], shape=shape, weights=weights)
     if kernel == "dh":
-        return dict(dtype=dtypes, GATED=[True, False], BLOCK_M=tiles, ACT=acts, HAS_BIAS=[False, True], shape=shape)
+        return dict(dtype=dtypes, GATED=[True, False], BLOCK_M=tiles, ACT=acts, HAS_BIAS=[False, True], shape=shape,
+                    weights=weights)
     if kernel == "scatter":
-        return dict(dtype=dtypes, site=["down", "dx"], BLOCK_M=tiles, HAS_BIAS=[False, True], shape=shape)
+        return dict(dtype=dtypes, site=["down", "dx"], BLOCK_M=tiles, HAS_BIAS=[False, True], shape=shape,
+                    weights=weights)
     if kernel == "weight_grad":
         return dict(dtype=dtypes, site=["w_in", "w_down"], HAS_BIAS=[False, True], shape=shape)
     return dict(dtype=[(dt, None) for dt in (torch.bfloat16, torch.float32, torch.float16)], DOUBLE_QUANT=[True, False])
@@ -229,6 +250,8 @@ def _swept(kernel, name, value) -> bool:
     compile (``--full`` compiles all of them with every config)."""
     if name == "dtype":
         return value[0] == torch.float32 and value[1] in ("ieee", None)
+    if name == "weights":  # NF4 decoding reshapes registers and shared memory: every config
+        return value == "nf4"
     return name in ("site", "DOUBLE_QUANT")
 
 
@@ -240,18 +263,22 @@ def _build(kernel, choice, all_configs):
         ptrs, ints = _nf4(dt, choice["DOUBLE_QUANT"], shape)
         c = dict(BLOCKSIZE=64, DQ_BLOCKSIZE=256, DOUBLE_QUANT=choice["DOUBLE_QUANT"], BLOCK=nf4.DEQUANT_BLOCK)
         return _make(kernel, "dequant", dt, None, c, ptrs, ints, all_configs, tags, (("enable_fp_fusion", False),))
+    weights = choice.get("weights", "dense")
+    # NF4 launches compile without fp fusion (launch._weight): the decoded values round as torch's.
+    options = () if weights == "dense" else (("enable_fp_fusion", False),)
     if kernel == "up":
-        ptrs, ints = _up(dt, choice["GATED"], choice["HAS_BIAS"], choice["SAVE_Z"], shape)
+        ptrs, ints, q = _up(dt, choice["GATED"], choice["HAS_BIAS"], choice["SAVE_Z"], shape, weights)
         c = {k: choice[k] for k in ("GATED", "ACT", "HAS_BIAS", "SAVE_Z", "BLOCK_M")}
-        return _make(kernel, "fwd", dt, prec, c, ptrs, ints, all_configs, tags)
+        return _make(kernel, "fwd", dt, prec, dict(c, **q), ptrs, ints, all_configs, tags, options)
     if kernel == "dh":
-        ptrs, ints = _dh(dt, choice["GATED"], choice["HAS_BIAS"], shape)
+        ptrs, ints, q = _dh(dt, choice["GATED"], choice["HAS_BIAS"], shape, weights)
         c = {k: choice[k] for k in ("GATED", "ACT", "HAS_BIAS", "BLOCK_M")}
-        return _make(kernel, "bwd", dt, prec, c, ptrs, ints, all_configs, tags)
+        return _make(kernel, "bwd", dt, prec, dict(c, **q), ptrs, ints, all_configs, tags, options)
     if kernel == "scatter":
         # dx passes neither scale nor bias (ops.experts_dx): only "down" has a bias choice.
-        ptrs, ints, c = _scatter(dt, choice["site"], choice["HAS_BIAS"] and choice["site"] == "down", shape)
-        return _make(kernel, choice["site"], dt, prec, dict(c, BLOCK_M=choice["BLOCK_M"]), ptrs, ints, all_configs, tags)
+        ptrs, ints, c = _scatter(dt, choice["site"], choice["HAS_BIAS"] and choice["site"] == "down", shape, weights)
+        return _make(kernel, choice["site"], dt, prec, dict(c, BLOCK_M=choice["BLOCK_M"]), ptrs, ints, all_configs, tags,
+                     options)
     ptrs, ints, c = _weight_grad(dt, choice["site"], choice["HAS_BIAS"], shape)
     return _make(kernel, choice["site"], dt, prec, c, ptrs, ints, all_configs, tags)
 

@@ -10,6 +10,16 @@ P covers rows ``tile_row_P[P] : +BLOCK_M`` of expert ``tile_expert_P[P]`` (-1: a
 tile, since the grid is sized for the worst case to avoid a host sync). The weight-gradient
 kernel runs one program per (expert, output tile) and loops over that expert's rows.
 
+NF4 weights (``NF4`` constexpr, QLoRA's frozen experts): the forward (up, down) and the input
+gradient (dh, dx) kernels can read their weight as NF4 codes instead of a dense tensor:
+``w_ptr`` is then the packed codes, ``absmax_ptr`` the fp32 absmax of every ``QBLOCK``
+elements (a double-quantised absmax is decoded to fp32 by the caller first, as bitsandbytes
+does: 1/64 of the weight's elements), the weight's strides are element strides of the
+dequantised [E, R, C] view, and each [BLOCK_K, BLOCK_N] weight tile is decoded in registers
+(``nf4.nf4_decode``) and rounded to the compute dtype right before its ``tl.dot``: the same
+values a dequantise-then-GEMM reads, without a dequantised copy of the weight in memory.
+Dense launches pass the weight pointer for ``absmax_ptr`` (never read).
+
 Shape legend:
     T  tokens        D  hidden size       F  expert FFN size     E  experts
     A  assignments (token, expert) pairs, sorted by expert
@@ -23,6 +33,7 @@ import triton
 import triton.language as tl
 
 from upcycle_kernels.activations import act_fwd, act_fwd_bwd
+from upcycle_kernels.nf4 import nf4_decode, round_to
 from upcycle_kernels.tuning import fitting_configs, interpreting, row_tiled_configs, weight_grad_configs
 
 # Autotuning: configs and launch-time pruning live in tuning.py. Each kernel's ``key`` holds the
@@ -52,6 +63,18 @@ def _mma(a, b, acc, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_ptr, offs, mask, absmax_ptr, DTYPE: tl.constexpr, NF4: tl.constexpr, QBLOCK: tl.constexpr):
+    """The weight tile at element offsets ``offs`` (int64): loaded, or decoded from NF4 codes (``w_ptr``) and
+    fp32 absmax (one per ``QBLOCK`` elements) and rounded to ``DTYPE``."""
+    if NF4:
+        w = round_to(nf4_decode(w_ptr, absmax_ptr, absmax_ptr, absmax_ptr, absmax_ptr, offs, mask, QBLOCK, 1, False),
+                     DTYPE)
+    else:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    return w
+
+
+@triton.jit
 def _row_tile(tile_expert_ptr, tile_row_ptr, offs_ptr, BLOCK_M: tl.constexpr):
     """(expert, rows [BLOCK_M] int64, row mask) of this program's row tile; expert -1 = padding."""
     pid_p = tl.program_id(0)
@@ -65,17 +88,19 @@ def _row_tile(tile_expert_ptr, tile_row_ptr, offs_ptr, BLOCK_M: tl.constexpr):
 # ------------------------------------------------------------------ forward: up projection
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION"],
+@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION", "NF4"],
                  prune_configs_by=fitting_configs("up"))
 @triton.jit
 def up_gather_kernel(
     x_ptr, tok_ptr, w_ptr, b_ptr, h_ptr, z_ptr,
     tile_expert_ptr, tile_row_ptr, offs_ptr,
+    absmax_ptr,
     F, D,
     stride_xt, stride_xd, stride_we, stride_wm, stride_wd, stride_be, stride_bm,
     stride_ha, stride_hf, stride_za, stride_zm,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    NF4: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h_AF = act(x[tok] @ w_gate[e]^T + b) * (x[tok] @ w_up[e]^T + b); z_AM = the pre-activations."""
@@ -87,21 +112,23 @@ def up_gather_kernel(
     col_ok = cols < F
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd
-    # w[e] is [M, D]; read it as [BLOCK_K, BLOCK_N] tiles of its transpose.
-    wg_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wm + ks[:, None] * stride_wd
-    wu_ptrs = wg_ptrs + F * stride_wm
+    # w[e] is [M, D]; read it as [BLOCK_K, BLOCK_N] tiles of its transpose (element offsets: NF4 decodes them).
+    wg_offs = e.to(tl.int64) * stride_we + cols[None, :] * stride_wm + ks[:, None] * stride_wd
+    wu_offs = wg_offs + F * stride_wm
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, _loop_bound(tl.cdiv(D, BLOCK_K))):
         k_ok = ks < D - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        acc_g = _mma(x, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, PRECISION, WIDEN)
+        wg = _load_w(w_ptr, wg_offs, w_mask, absmax_ptr, x_ptr.dtype.element_ty, NF4, QBLOCK)
+        acc_g = _mma(x, wg, acc_g, PRECISION, WIDEN)
         if GATED:  # gate and up share the x tile: one gather feeds both GEMMs
-            acc_u = _mma(x, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, PRECISION, WIDEN)
-            wu_ptrs += BLOCK_K * stride_wd
+            wu = _load_w(w_ptr, wu_offs, w_mask, absmax_ptr, x_ptr.dtype.element_ty, NF4, QBLOCK)
+            acc_u = _mma(x, wu, acc_u, PRECISION, WIDEN)
+            wu_offs += BLOCK_K * stride_wd
         x_ptrs += BLOCK_K * stride_xd
-        wg_ptrs += BLOCK_K * stride_wd
+        wg_offs += BLOCK_K * stride_wd
     if HAS_BIAS:
         b_ptrs = b_ptr + e.to(tl.int64) * stride_be + cols * stride_bm
         acc_g += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -122,15 +149,17 @@ def up_gather_kernel(
 # ------------------------------------------------------------------ grouped GEMM + weighted scatter-add
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["N", "K", "BLOCK_M", "PRECISION"], reset_to_zero=["out_ptr"],
+@triton.autotune(configs=row_tiled_configs(), key=["N", "K", "BLOCK_M", "PRECISION", "NF4"], reset_to_zero=["out_ptr"],
                  prune_configs_by=fitting_configs("scatter"))
 @triton.jit
 def scatter_gemm_kernel(
     a_ptr, tok_ptr, scale_ptr, w_ptr, b_ptr, out_ptr,
     tile_expert_ptr, tile_row_ptr, offs_ptr,
+    absmax_ptr,
     N, K,
     stride_aa, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_ot, stride_on,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    NF4: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[tok[a], :] += scale[a] * (a_AK[a] @ w[e] + b[e]) with w[e] read as [K, N] through strides.
@@ -146,15 +175,15 @@ def scatter_gemm_kernel(
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_aa + ks[None, :] * stride_ak
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    w_offs = e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, _loop_bound(tl.cdiv(K, BLOCK_K))):
         k_ok = ks < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = _load_w(w_ptr, w_offs, k_ok[:, None] & col_ok[None, :], absmax_ptr, a_ptr.dtype.element_ty, NF4, QBLOCK)
         acc = _mma(a, w, acc, PRECISION, WIDEN)
         a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+        w_offs += BLOCK_K * stride_wk
     if HAS_BIAS:
         b = tl.load(b_ptr + e.to(tl.int64) * stride_be + cols * stride_bn, mask=col_ok, other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -168,18 +197,20 @@ def scatter_gemm_kernel(
 # ------------------------------------------------------------------ backward: through w_down and the activation
 
 
-@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION"],
+@triton.autotune(configs=row_tiled_configs(), key=["F", "D", "BLOCK_M", "GATED", "PRECISION", "NF4"],
                  reset_to_zero=["dscale_ptr"],
                  prune_configs_by=fitting_configs("dh"))
 @triton.jit
 def dh_gather_kernel(
     dy_ptr, tok_ptr, scale_ptr, w_ptr, b_ptr, z_ptr, dz_ptr, dscale_ptr,
     tile_expert_ptr, tile_row_ptr, offs_ptr,
+    absmax_ptr,
     F, D,
     stride_dyt, stride_dyd, stride_we, stride_wd, stride_wf, stride_be, stride_bd,
     stride_za, stride_zm, stride_dza, stride_dzm,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    NF4: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g = dy[tok] @ w_down[e] (unweighted); dscale[a] += <g, h> (+ <dy[tok], b_down[e]>);
@@ -197,21 +228,21 @@ def dh_gather_kernel(
     col_ok = cols < F
     ks = tl.arange(0, BLOCK_K)
     dy_ptrs = dy_ptr + tok[:, None] * stride_dyt + ks[None, :] * stride_dyd
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wd + cols[None, :] * stride_wf
+    w_offs = e.to(tl.int64) * stride_we + ks[:, None] * stride_wd + cols[None, :] * stride_wf
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + ks * stride_bd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, _loop_bound(tl.cdiv(D, BLOCK_K))):
         k_ok = ks < D - k * BLOCK_K
         dy = tl.load(dy_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = _load_w(w_ptr, w_offs, k_ok[:, None] & col_ok[None, :], absmax_ptr, dy_ptr.dtype.element_ty, NF4, QBLOCK)
         acc = _mma(dy, w, acc, PRECISION, WIDEN)
         if HAS_BIAS:
             b = tl.load(b_ptrs, mask=k_ok, other=0.0).to(tl.float32)
             bias_dot += tl.sum(dy.to(tl.float32) * b[None, :], axis=1)
             b_ptrs += BLOCK_K * stride_bd
         dy_ptrs += BLOCK_K * stride_dyd
-        w_ptrs += BLOCK_K * stride_wd
+        w_offs += BLOCK_K * stride_wd
     mask = row_ok[:, None] & col_ok[None, :]
     z_ptrs = z_ptr + rows[:, None] * stride_za + cols[None, :] * stride_zm
     gate = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)

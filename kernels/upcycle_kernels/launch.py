@@ -5,16 +5,71 @@ Assignments are already sorted by expert (``offs_E1`` int32 [E+1] holds the boun
 Nothing here syncs with the host: the row-tile grid is sized for the worst case (empty
 experts waste no tiles, at most E padding programs exit at once).
 
-Shape legend: see ``grouped_gemm.py`` (T, D, F, M, E, A, P).
+Shape legend: see ``grouped_gemm.py`` (T, D, F, M, E, A, P). A weight is a dense tensor or an
+``NF4Weight`` (codes and fp32 absmax; the up, scatter and dh kernels decode its tiles in registers).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from upcycle_kernels import grouped_gemm as gg
 from upcycle_kernels.tuning import interpreting
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """An NF4 weight as the grouped GEMMs read it (frozen: forward and input-gradient kernels only).
+
+    ``packed``: uint8 codes, two per byte, the high nibble first (``upcycle.adapters.nf4``'s
+    layout); ``absmax``: fp32, one per ``blocksize`` elements (double quantisation decoded first);
+    ``shape`` and ``strides`` describe the dequantised weight [E, R, C] in elements (stride 0 on
+    E: one matrix for every expert); ``dtype`` is the compute dtype the tiles are rounded to.
+    """
+
+    packed: Tensor
+    absmax: Tensor
+    shape: tuple
+    strides: tuple
+    blocksize: int
+    dtype: torch.dtype
+
+    @classmethod
+    def stacked(cls, packed: Tensor, absmax: Tensor, num_experts: int, rows: int, cols: int, shared: bool,
+                blocksize: int, dtype: torch.dtype) -> NF4Weight:
+        """An [E, rows, cols] weight stored row-major ([rows, cols] once, if ``shared``)."""
+        n = rows * cols * (1 if shared else num_experts)
+        if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2 or absmax.dtype != torch.float32 \
+                or absmax.numel() != -(-n // blocksize):
+            raise ValueError(f"NF4Weight: {n} elements need uint8 codes [{(n + 1) // 2}] and fp32 absmax "
+                             f"[{-(-n // blocksize)}], got {packed.dtype} {tuple(packed.shape)} and {absmax.dtype} "
+                             f"{tuple(absmax.shape)}")
+        return cls(packed, absmax, (num_experts, rows, cols), (0 if shared else rows * cols, cols, 1), blocksize,
+                   dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def stride(self, dim: int | None = None):
+        return self.strides if dim is None else self.strides[dim]
+
+    def transpose(self, a: int, b: int) -> NF4Weight:
+        shape, strides = list(self.shape), list(self.strides)
+        shape[a], shape[b], strides[a], strides[b] = shape[b], shape[a], strides[b], strides[a]
+        return replace(self, shape=tuple(shape), strides=tuple(strides))
+
+
+def _weight(w) -> tuple:
+    """(the weight pointer, the absmax pointer, their constexprs, launch options) of a dense or NF4 weight."""
+    if not isinstance(w, NF4Weight):
+        return w, w, dict(NF4=False, QBLOCK=1), {}
+    # No fp fusion: code * absmax rounds as torch's dequantisation does.
+    return w.packed, w.absmax, dict(NF4=True, QBLOCK=w.blocksize), dict(enable_fp_fusion=False)
+
 
 ROW_TILE_HEIGHTS = (64, 128)
 """The BLOCK_M values ``block_m`` picks on a GPU (the AOT sweep compiles each)."""
@@ -85,7 +140,7 @@ def _check_sorted(tok_A: Tensor, offs_E1: Tensor, E: int) -> None:
                          f"and {offs_E1.dtype} {tuple(offs_E1.shape)}")
 
 
-def up_gather(x_TD: Tensor, tok_A: Tensor, offs_E1: Tensor, w_in_EMD: Tensor, b_in_EM: Tensor | None, *,
+def up_gather(x_TD: Tensor, tok_A: Tensor, offs_E1: Tensor, w_in_EMD: Tensor | NF4Weight, b_in_EM: Tensor | None, *,
               gated: bool, act: int, save_z: bool, equal_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """(h_AF, z_AM): activated hidden rows and (if ``save_z``, else [0, M]) the pre-activations."""
     E, M, D = w_in_EMD.shape
@@ -101,19 +156,22 @@ def up_gather(x_TD: Tensor, tok_A: Tensor, offs_E1: Tensor, w_in_EMD: Tensor, b_
         return h_AF, z_AM
     bm = block_m(A, E)
     tile_e, tile_r = tile_schedule(offs_E1, bm, A, equal_rows)
-    b = b_in_EM if b_in_EM is not None else w_in_EMD  # never read without HAS_BIAS
+    w, absmax, nf4, opts = _weight(w_in_EMD)
+    dummy = w_in_EMD if not nf4["NF4"] else x_TD
+    b = b_in_EM if b_in_EM is not None else dummy  # never read without HAS_BIAS
     z_strides = z_AM.stride() if save_z else (0, 0)
     grid = lambda meta: (tile_e.numel(), _cdiv(Fn, meta["BLOCK_N"]))  # noqa: E731
     gg.up_gather_kernel[grid](
-        x_TD, tok_A, w_in_EMD, b, h_AF, z_AM, tile_e, tile_r, offs_E1,
+        x_TD, tok_A, w, b, h_AF, z_AM, tile_e, tile_r, offs_E1, absmax,
         Fn, D,
         *x_TD.stride(), *w_in_EMD.stride(), b.stride(0), b.stride(1), *h_AF.stride(), *z_strides,
         GATED=gated, ACT=act, HAS_BIAS=b_in_EM is not None, SAVE_Z=save_z, BLOCK_M=bm, **_common(x_TD.dtype),
+        **nf4, **opts,
     )
     return h_AF, z_AM
 
 
-def scatter_gemm(a_AK: Tensor, tok_A: Tensor, scale_A: Tensor | None, offs_E1: Tensor, w_EKN: Tensor,
+def scatter_gemm(a_AK: Tensor, tok_A: Tensor, scale_A: Tensor | None, offs_E1: Tensor, w_EKN: Tensor | NF4Weight,
                  b_EN: Tensor | None, num_tokens: int, equal_rows: int | None = None) -> Tensor:
     """out_TN float32: ``out[tok[a]] += scale[a] * (a_AK[a] @ w_EKN[e] + b_EN[e])``.
 
@@ -129,19 +187,20 @@ def scatter_gemm(a_AK: Tensor, tok_A: Tensor, scale_A: Tensor | None, offs_E1: T
         return out_TN
     bm = block_m(A, E)
     tile_e, tile_r = tile_schedule(offs_E1, bm, A, equal_rows)
-    b = b_EN if b_EN is not None else w_EKN[:, 0]
+    w, absmax, nf4, opts = _weight(w_EKN)
+    b = b_EN if b_EN is not None else (w_EKN[:, 0] if not nf4["NF4"] else a_AK)
     s = scale_A if scale_A is not None else tok_A
     grid = lambda meta: (tile_e.numel(), _cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     gg.scatter_gemm_kernel[grid](
-        a_AK, tok_A, s, w_EKN, b, out_TN, tile_e, tile_r, offs_E1,
+        a_AK, tok_A, s, w, b, out_TN, tile_e, tile_r, offs_E1, absmax,
         N, K,
         *a_AK.stride(), *w_EKN.stride(), *b.stride(), *out_TN.stride(),
-        HAS_SCALE=scale_A is not None, HAS_BIAS=b_EN is not None, BLOCK_M=bm, **_common(a_AK.dtype),
+        HAS_SCALE=scale_A is not None, HAS_BIAS=b_EN is not None, BLOCK_M=bm, **_common(a_AK.dtype), **nf4, **opts,
     )
     return out_TN
 
 
-def dh_gather(dy_TD: Tensor, tok_A: Tensor, scale_A: Tensor, offs_E1: Tensor, w_down_EDF: Tensor,
+def dh_gather(dy_TD: Tensor, tok_A: Tensor, scale_A: Tensor, offs_E1: Tensor, w_down_EDF: Tensor | NF4Weight,
               b_down_ED: Tensor | None, z_AM: Tensor, *, gated: bool, act: int,
               equal_rows: int | None = None) -> tuple[Tensor, Tensor]:
     """(dz_AM, dscale_A float32): gradients of the pre-activations and of the combine weights."""
@@ -158,13 +217,14 @@ def dh_gather(dy_TD: Tensor, tok_A: Tensor, scale_A: Tensor, offs_E1: Tensor, w_
         return dz_AM.zero_(), dscale_A
     bm = block_m(A, E)
     tile_e, tile_r = tile_schedule(offs_E1, bm, A, equal_rows)
-    b = b_down_ED if b_down_ED is not None else w_down_EDF[:, :, 0]
+    w, absmax, nf4, opts = _weight(w_down_EDF)
+    b = b_down_ED if b_down_ED is not None else (w_down_EDF[:, :, 0] if not nf4["NF4"] else dy_TD)
     grid = lambda meta: (tile_e.numel(), _cdiv(Fn, meta["BLOCK_N"]))  # noqa: E731
     gg.dh_gather_kernel[grid](
-        dy_TD, tok_A, scale_A, w_down_EDF, b, z_AM, dz_AM, dscale_A, tile_e, tile_r, offs_E1,
+        dy_TD, tok_A, scale_A, w, b, z_AM, dz_AM, dscale_A, tile_e, tile_r, offs_E1, absmax,
         Fn, D,
         *dy_TD.stride(), *w_down_EDF.stride(), *b.stride(), *z_AM.stride(), *dz_AM.stride(),
-        GATED=gated, ACT=act, HAS_BIAS=b_down_ED is not None, BLOCK_M=bm, **_common(dy_TD.dtype),
+        GATED=gated, ACT=act, HAS_BIAS=b_down_ED is not None, BLOCK_M=bm, **_common(dy_TD.dtype), **nf4, **opts,
     )
     return dz_AM, dscale_A
 

@@ -84,3 +84,75 @@ def _(l_XM, r_XN, tok_A, scale_A, offs_E1, l_gather, r_gather, with_bias):
     E = offs_E1.shape[0] - 1
     return (l_XM.new_empty(E, l_XM.shape[1], r_XN.shape[1]),
             l_XM.new_empty(E if with_bias else 0, l_XM.shape[1]))
+
+
+# ------------------------------------------------------------------ NF4 weights (frozen: forward and input gradient)
+# The weight arrives as its codes (uint8, two per byte) and fp32 absmax per ``blocksize`` elements
+# (``launch.NF4Weight``), plus its dequantised [E, R, C] shape (``shared``: one [R, C] matrix for
+# every expert); the compute dtype is the activations'.
+
+
+def _nf4(packed, absmax, shape, shared, blocksize, dtype) -> launch.NF4Weight:
+    E, R, C = shape
+    return launch.NF4Weight.stacked(packed, absmax, E, R, C, shared, blocksize, dtype)
+
+
+@torch.library.custom_op("upcycle_kernels::experts_up_nf4", mutates_args=())
+def experts_up_nf4(x_TD: Tensor, tok_A: Tensor, offs_E1: Tensor, packed: Tensor, absmax: Tensor, shape_EMD: list[int],
+                   shared: bool, blocksize: int, b_in_EM: Tensor | None, gated: bool, act: int, save_z: bool,
+                   equal_rows: int | None) -> tuple[Tensor, Tensor]:
+    """``experts_up`` with w_in [E, M, D] in NF4."""
+    w = _nf4(packed, absmax, shape_EMD, shared, blocksize, x_TD.dtype)
+    return launch.up_gather(x_TD, tok_A, offs_E1, w, b_in_EM, gated=gated, act=act, save_z=save_z,
+                            equal_rows=equal_rows)
+
+
+@experts_up_nf4.register_fake
+def _(x_TD, tok_A, offs_E1, packed, absmax, shape_EMD, shared, blocksize, b_in_EM, gated, act, save_z, equal_rows):
+    A, M = tok_A.shape[0], shape_EMD[1]
+    Fn = M // 2 if gated else M
+    return x_TD.new_empty(A, Fn), x_TD.new_empty(A if save_z else 0, M)
+
+
+@torch.library.custom_op("upcycle_kernels::experts_down_nf4", mutates_args=())
+def experts_down_nf4(h_AF: Tensor, tok_A: Tensor, weight_A: Tensor, offs_E1: Tensor, packed: Tensor, absmax: Tensor,
+                     shape_EDF: list[int], shared: bool, blocksize: int, b_down_ED: Tensor | None, num_tokens: int,
+                     equal_rows: int | None) -> Tensor:
+    """``experts_down`` with w_down [E, D, F] in NF4."""
+    w = _nf4(packed, absmax, shape_EDF, shared, blocksize, h_AF.dtype)
+    return launch.scatter_gemm(h_AF, tok_A, weight_A, offs_E1, w.transpose(1, 2), b_down_ED, num_tokens, equal_rows)
+
+
+@experts_down_nf4.register_fake
+def _(h_AF, tok_A, weight_A, offs_E1, packed, absmax, shape_EDF, shared, blocksize, b_down_ED, num_tokens,
+      equal_rows):
+    return h_AF.new_empty(num_tokens, shape_EDF[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("upcycle_kernels::experts_dh_nf4", mutates_args=())
+def experts_dh_nf4(dy_TD: Tensor, tok_A: Tensor, weight_A: Tensor, offs_E1: Tensor, packed: Tensor, absmax: Tensor,
+                   shape_EDF: list[int], shared: bool, blocksize: int, b_down_ED: Tensor | None, z_AM: Tensor,
+                   gated: bool, act: int, equal_rows: int | None) -> tuple[Tensor, Tensor]:
+    """``experts_dh`` with w_down [E, D, F] in NF4."""
+    w = _nf4(packed, absmax, shape_EDF, shared, blocksize, dy_TD.dtype)
+    return launch.dh_gather(dy_TD, tok_A, weight_A, offs_E1, w, b_down_ED, z_AM, gated=gated, act=act,
+                            equal_rows=equal_rows)
+
+
+@experts_dh_nf4.register_fake
+def _(dy_TD, tok_A, weight_A, offs_E1, packed, absmax, shape_EDF, shared, blocksize, b_down_ED, z_AM, gated, act,
+      equal_rows):
+    return torch.empty_like(z_AM), dy_TD.new_empty(tok_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("upcycle_kernels::experts_dx_nf4", mutates_args=())
+def experts_dx_nf4(dz_AM: Tensor, tok_A: Tensor, offs_E1: Tensor, packed: Tensor, absmax: Tensor, shape_EMD: list[int],
+                   shared: bool, blocksize: int, num_tokens: int, equal_rows: int | None) -> Tensor:
+    """``experts_dx`` with w_in [E, M, D] in NF4."""
+    w = _nf4(packed, absmax, shape_EMD, shared, blocksize, dz_AM.dtype)
+    return launch.scatter_gemm(dz_AM, tok_A, None, offs_E1, w, None, num_tokens, equal_rows)
+
+
+@experts_dx_nf4.register_fake
+def _(dz_AM, tok_A, offs_E1, packed, absmax, shape_EMD, shared, blocksize, num_tokens, equal_rows):
+    return dz_AM.new_empty(num_tokens, shape_EMD[2], dtype=torch.float32)

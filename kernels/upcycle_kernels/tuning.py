@@ -66,7 +66,7 @@ def weight_grad_configs():
 
 
 def shared_memory_bytes(kernel: str, block_m: int, block_n: int, block_k: int, num_stages: int, elem_bytes: int, *,
-                        gated: bool, tensor_cores: bool, capability: int) -> int:
+                        gated: bool, tensor_cores: bool, capability: int, nf4: bool = False) -> int:
     """An upper bound of the shared memory (bytes, dynamic + static) one program of ``kernel`` takes.
 
     The row-tiled kernels (``up``, ``scatter``, ``dh``) pipeline their K loop: a stage holds
@@ -76,14 +76,21 @@ def shared_memory_bytes(kernel: str, block_m: int, block_n: int, block_k: int, n
     runs on the FMA units) one fewer. sm_90+ adds 1 KB of static shared memory and barriers.
     ``weight_grad``'s loop, whose bounds come from memory, is not pipelined: ``num_stages``
     copies of its two tiles bound what it stages, loosely (the AOT sweep shows how loosely).
+    ``nf4``: the weight tiles are decoded from NF4 codes (``grouped_gemm._load_w``): what the
+    compiler stages per weight-tile element is then the fp32 absmax gather, ``num_stages - 1``
+    times, plus one decoded tile in the compute dtype (fitted to the sm_80 / sm_90 compiles of
+    triton 3.9: exact for bf16 in every config; the row tile is staged as for dense weights).
     ``python -m upcycle_kernels.aot`` checks the bound against every config it compiles.
     """
     extra = 1024 + 64 if capability >= 90 else 0
     if kernel == "weight_grad":
         return num_stages * (block_m * block_k + block_k * block_n) * elem_bytes + extra
     weights = 2 if kernel == "up" and gated else 1
-    stages = num_stages if capability >= 90 and tensor_cores else num_stages - 1
-    return max(stages, 1) * (block_m * block_k + weights * block_k * block_n) * elem_bytes + extra
+    stages = max(num_stages if capability >= 90 and tensor_cores else num_stages - 1, 1)
+    if nf4:
+        per_weight_element = 4 * weights * max(num_stages - 1, 1) + elem_bytes
+        return stages * block_m * block_k * elem_bytes + per_weight_element * block_k * block_n + extra
+    return stages * (block_m * block_k + weights * block_k * block_n) * elem_bytes + extra
 
 
 def config_shared_bytes(kernel: str, cfg, meta: dict, elem_bytes: int, capability: int) -> int:
@@ -92,7 +99,7 @@ def config_shared_bytes(kernel: str, cfg, meta: dict, elem_bytes: int, capabilit
     return shared_memory_bytes(kernel, k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], cfg.num_stages, elem_bytes,
                                gated=bool(k.get("GATED", False)),
                                tensor_cores=not (elem_bytes == 4 and k.get("PRECISION") == "ieee"),
-                               capability=capability)
+                               capability=capability, nf4=bool(k.get("NF4", False)))
 
 
 @functools.lru_cache(maxsize=None)

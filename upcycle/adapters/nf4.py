@@ -317,7 +317,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, *, backend: s
     if fn is None:
         raise UpcycleError("dequantize backend 'triton' needs the upcycle_kernels package (triton)")
     return fn(q.packed, q.absmax, q.absmax2, q.offset, q.shape, q.blocksize, DQ_BLOCKSIZE,
-              nf4_code(q.device), dynamic_code(q.device) if q.double_quant else None, dtype)
+              dynamic_code(q.device) if q.double_quant else None, dtype)
 
 
 _TRITON_DEQUANT: list = []

@@ -15,7 +15,8 @@
   of a stack exists at any point of a step, and nothing dense is kept between forward and
   backward. (Before, the whole stack was dequantised per forward, with the experts forward
   checkpointed to avoid keeping it: peak memory one layer's dense experts, and a second
-  forward per step.) The ``triton`` backend hands NF4 experts to ``grouped_mm``.
+  forward per step.) The ``triton`` backend reads the NF4 codes in its kernels (tiles decoded
+  in registers), except with expert LoRA, which it hands to ``grouped_mm``.
 * Shared base: experts still exact copies of each other (a fresh upcycle) store ONE
   quantised [M, D] weight, expanded to [E, M, D] as a stride-0 view at forward: E times less
   memory for the experts' base and E times less dequantisation work.
@@ -263,7 +264,9 @@ class NF4StackedExperts(_NF4Storage, DerivedExpertWeights, ExpertsBase):
         else:
             def dequantize(e0: int, e1: int) -> Tensor:
                 return dequantize_nf4_range(q, e0 * R * C, e1 * R * C, dtype).view(e1 - e0, R, C)
-        return QuantizedWeight((E, R, C), dtype, dequantize, self.shared_base, q)
+        def kernel_args() -> dict:  # for the triton kernels: per forward (autograd keeps the fp32 absmax for dx)
+            return dict(packed=q.packed, absmax=q.absmax_fp32(), blocksize=q.blocksize)
+        return QuantizedWeight((E, R, C), dtype, dequantize, self.shared_base, kernel_args)
 
     def dense_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(w_in [E, M, D], down [E, D, F]) dequantised (the ones ``forward`` uses, if inside it)."""

@@ -12,6 +12,8 @@ Storage (plain stacked, shared base, NF4) only decides where ``ExpertWeights`` c
 LoRA only adds ``LowRank``; the math is here, once. The ``triton`` backend runs the fused
 kernels of ``upcycle_kernels``; with low-rank deltas it hands over to ``grouped_mm`` (the
 kernels have no low-rank epilogue yet), or to ``loop`` where ``grouped_mm`` cannot run.
+NF4 weights without low-rank deltas stay on ``triton``: its kernels decode NF4 tiles in
+registers (forward and the input gradient).
 
 Quantised weights (``QuantizedWeight``: NF4 experts) are never dequantised whole. ``loop``
 and ``grouped_mm`` dequantise one block of experts at a time (``DEQUANT_BLOCK_BYTES`` of
@@ -58,8 +60,11 @@ class QuantizedWeight:
     """``(e0, e1)`` -> experts ``e0:e1`` as [e1 - e0, R, C] in ``dtype`` (for a shared base, a stride-0 view)."""
     shared: bool = False
     """All E experts are one stored matrix (a shared base): dequantised once per GEMM, seen E times."""
-    nf4: object = None
-    """The ``NF4Tensor`` itself ([E, R, C], or [R, C] shared), for kernels that dequantise in registers."""
+    nf4: Callable[[], dict] | None = None
+    """NF4 storage as the triton kernels read it (they decode tiles in registers): a callable giving
+    ``packed`` (uint8 codes), ``absmax`` (fp32 per ``blocksize`` elements: a double-quantised absmax
+    decoded, 1/64 of the weight's elements) and ``blocksize``; row-major [E, R, C] ([R, C] if ``shared``).
+    None: the triton backend hands NF4 experts to grouped_mm."""
 
     def expert(self, e: int) -> QuantizedWeight:
         """Expert ``e`` alone, as a [1, R, C] ``QuantizedWeight``."""
@@ -107,16 +112,18 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
     routing); the triton kernels then skip their sort. Not checked.
     """
     weights, lowrank = _autocast(x_TD, weights, lowrank)
-    quantized = isinstance(weights.w_in_EMD, QuantizedWeight)
-    if backend == "triton" and (lowrank is not None or quantized):
-        w = weights.w_in_EMD
-        backend = "loop" if grouped_mm_unsupported(w.dtype, w.shape[-1], weights.w_down_EDF.shape[-1]) else "grouped_mm"
+    w_in, w_down = weights.w_in_EMD, weights.w_down_EDF
+    quantized = isinstance(w_in, QuantizedWeight)
+    in_registers = quantized and w_in.nf4 is not None and w_down.nf4 is not None
+    if backend == "triton" and (lowrank is not None or (quantized and not in_registers)):
+        backend = "loop" if grouped_mm_unsupported(w_in.dtype, w_in.shape[-1], w_down.shape[-1]) else "grouped_mm"
     if backend == "triton":
         from upcycle_kernels import moe_experts
 
-        return moe_experts(x_TD, token_idx_A, expert_idx_A, weight_A, weights.w_in_EMD, weights.w_down_EDF,
-                           weights.b_in_EM, weights.b_down_ED, activation=activation, gated=gated,
-                           expert_major=expert_major)
+        if quantized:  # NF4 tiles decoded in the kernels' registers: no dequantised weight in memory
+            w_in, w_down = _nf4_weight(w_in), _nf4_weight(w_down)
+        return moe_experts(x_TD, token_idx_A, expert_idx_A, weight_A, w_in, w_down, weights.b_in_EM,
+                           weights.b_down_ED, activation=activation, gated=gated, expert_major=expert_major)
     act = activation_fn(activation)
 
     def activate(h_NM: Tensor) -> Tensor:
@@ -127,6 +134,14 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
 
     run = {"loop": _forward_loop, "grouped_mm": _forward_grouped_mm}[backend]
     return run(x_TD, token_idx_A, expert_idx_A, weight_A, weights, activate, lowrank)
+
+
+def _nf4_weight(w: QuantizedWeight):
+    """A ``QuantizedWeight``'s NF4 storage as ``upcycle_kernels.NF4Weight`` (the kernels' view of it)."""
+    from upcycle_kernels import NF4Weight
+
+    q = w.nf4()
+    return NF4Weight.stacked(q["packed"], q["absmax"], *w.shape, w.shared, q["blocksize"], w.dtype)
 
 
 def _autocast(x_TD: Tensor, weights: ExpertWeights, lowrank: LowRank | None):
