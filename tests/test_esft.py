@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import types
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from test_train import corpus, recipe, rows, stop_after, tiny_moe  # noqa: F401  (fixtures)
 from upcycle.errors import UpcycleError
@@ -84,11 +85,27 @@ def test_bad_experts_subset_settings_are_one_line_errors():
         load_recipe("continued_pretraining", ["experts_subset.top=2", "checkpoint=full"])
 
 
-def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corpus, tmp_path, capsys):  # noqa: F811
+def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corpus, tmp_path, capsys,  # noqa: F811
+                                                                  monkeypatch):
     import upcycle
     from upcycle.adapters import merge_command
+    from upcycle.train import trainer as trainer_mod
 
+    seen = []
+    run = trainer_mod.Trainer.run
+    monkeypatch.setattr(trainer_mod.Trainer, "run", lambda self: (seen.append(self), run(self))[1])
     s = train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=8, experts_subset={"coverage": 0.6, "sample": 16}))
+    # In the trained model itself: the frozen stacks are in no optimizer group and still the base's rows.
+    t = seen[0]
+    optimized = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    base = upcycle.load(str(tiny_moe))
+    subsets = {n: m for n, m in t.model.named_modules() if isinstance(m, SubsetExperts)}
+    assert len(subsets) == 2
+    for name, m in subsets.items():
+        assert not any(id(p) in optimized for p in m.frozen.parameters())
+        b = base.get_submodule(name)
+        assert torch.equal(m.frozen.gate_up_proj, b.gate_up_proj[m.frozen_ids])
+        assert torch.equal(m.frozen.down_proj, b.down_proj[m.frozen_ids])
     table = capsys.readouterr().out
     assert "experts subset (ESFT): by load, coverage 0.6" in table and "| model.layers.3.mlp |" in table
     rec = json.loads((tmp_path / "run" / "experts_subset.json").read_text())
@@ -122,6 +139,14 @@ def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corp
     assert r["merged_experts"] == sum(map(len, choice.values()))
     merged = upcycle.load(str(tmp_path / "merged")).state_dict()
     assert all(torch.equal(v, merged[k]) for k, v in tuned_sd.items())
+    # A damaged checkpoint (a trained tensor gone) is refused, not loaded halfway.
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    weights = load_file(bad / "esft_model.safetensors")
+    del weights["model.layers.3.mlp.experts.down_proj"]
+    save_file(weights, bad / "esft_model.safetensors")
+    with pytest.raises(UpcycleError, match="lacks model.layers.3.mlp.experts's trained down_proj"):
+        upcycle.load(str(bad))
 
 
 def test_esft_resume_reuses_the_recorded_choice(tiny_moe, corpus, tmp_path, monkeypatch):  # noqa: F811

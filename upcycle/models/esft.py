@@ -99,6 +99,14 @@ def load_esft_tensors(model: nn.Module, path: str, subset: dict) -> None:
         raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
+    # Every experts module the subset names gets all its weights (a damaged file must not load halfway).
+    for owner, ids in subset.items():
+        m = modules.get(owner)
+        m = m.trained if isinstance(m, SubsetExperts) else m
+        if ids and isinstance(m, StackedExperts):
+            missing = sorted(n for n, _ in m.named_parameters(recurse=False) if f"{owner}.{n}" not in saved)
+            if missing:
+                raise UpcycleError(f"{wpath} lacks {owner}'s trained {', '.join(missing)}")
     with torch.no_grad():
         for key, value in saved.items():
             owner, _, leaf = key.rpartition(".")
@@ -136,7 +144,8 @@ def load_esft(path: str, base: str | None = None, experts_backend: str = "auto",
     raw = read_esft_config(path)
     base = base or raw.get("base_model_name_or_path")
     if not base or not os.path.exists(base):
-        raise UpcycleError(f"the base of ESFT checkpoint {path} ({base}) is not found; pass base=")
+        raise UpcycleError(f"the base of ESFT checkpoint {path} ({base}) is not found; give it: upcycle merge "
+                           f"{path} --base BASE --out DIR")
     check_esft_base(path, raw, base)
     model = load(base, experts_backend=experts_backend, dtype=dtype, device=device)
     load_esft_tensors(model, path, raw["experts_subset"])

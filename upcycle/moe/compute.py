@@ -179,6 +179,8 @@ def _lowrank_term(x_NI: Tensor, a_RI: Tensor, b_OR: Tensor, lr: LowRank, out_dty
 
 def _per_expert(w: Tensor | QuantizedWeight) -> list:
     if isinstance(w, QuantizedWeight):
+        if w.shared:  # one stored matrix: dequantised once for this call, not once per expert and pass
+            return [w.dequantize(0, 1)[0]] * w.shape[0]
         return [w.expert(e) for e in range(w.shape[0])]
     return list(w.unbind(0))
 

@@ -89,7 +89,8 @@ def check_compatible(state: dict, cfg, path: str) -> None:
     import dataclasses
 
     old, new = state.get("recipe") or {}, dataclasses.asdict(cfg)
-    changed = [k for k in _PINNED if k in old and old[k] != new[k]]
+    # A key the checkpoint predates (experts_subset) was None then: adding it on resume is a change.
+    changed = [k for k in _PINNED if old.get(k) != new[k]]
     if changed:
         raise UpcycleError(f"cannot resume from {path}: the recipe changed {', '.join(changed)} since it was "
                            "saved (those decide what each step trains on); start a new run with another out=")

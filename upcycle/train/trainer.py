@@ -97,6 +97,10 @@ class Trainer:
         d = self.d
         if d.enabled and cfg.distributed == "fsdp" and cfg.lora is not None:
             raise UpcycleError("distributed: fsdp with lora is not supported; use ddp (only the adapter is trained)")
+        if d.enabled and cfg.distributed == "fsdp" and cfg.experts_subset is not None:
+            # An ESFT checkpoint is written from the main process's parameters, which FSDP shards.
+            raise UpcycleError("distributed: fsdp with experts_subset is not supported; use ddp (ESFT trains a "
+                               "fraction of the model)")
         if d.enabled and cfg.distributed == "fsdp" and cfg.optim.name != "adamw":
             raise UpcycleError(f"distributed: fsdp with optim.name={cfg.optim.name} is not supported (bitsandbytes' "
                                "optimizers do not step sharded parameters); use ddp, or optim.name=adamw")
