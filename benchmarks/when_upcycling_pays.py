@@ -1,6 +1,6 @@
 """When does upcycling pay? A dense base trained from scratch, then dense vs upcycled continuations.
 
-    python benchmarks/when_upcycling_pays.py --out runs/pays             # the CPU study (~75 min, 2 cores)
+    python benchmarks/when_upcycling_pays.py --out runs/pays             # the CPU study (~80 min, 2 cores)
     python benchmarks/when_upcycling_pays.py --quick --out runs/pays-q   # the pipeline only (~1 min)
     python benchmarks/when_upcycling_pays.py --gpu --out runs/pays-gpu   # SmolLM2-135M base, one GPU
 
