@@ -29,8 +29,8 @@ from torch import nn
 
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
-from upcycle.moe.experts import StackedExperts
 from upcycle.models.sources import base_fingerprint
+from upcycle.moe.experts import StackedExperts
 from upcycle.moe.subset import SubsetExperts, check_expert_ids
 from upcycle.version import __version__
 
