@@ -46,22 +46,30 @@ def check_expert_ids(ids, num_experts: int, where: str) -> list[int]:
     return out
 
 
+def _stacked(like: ExpertsBase, w: ExpertWeights, trainable: bool, backend: str) -> StackedExperts:
+    """A ``StackedExperts`` shaped like ``like`` whose parameters are (detached) ``w``."""
+    m = StackedExperts(w.w_down_EDF.shape[0], like.hidden_size, like.ffn_size, gated=like.gated,
+                       activation=like.activation, bias=like.has_bias, backend=backend,
+                       dtype=w.w_down_EDF.dtype, device="meta")
+    tensors = {m.up_name: w.w_in_EMD, "down_proj": w.w_down_EDF}
+    if like.has_bias:
+        tensors.update({f"{m.up_name}_bias": w.b_in_EM, "down_proj_bias": w.b_down_ED})
+    for name, t in tensors.items():
+        m.register_parameter(name, nn.Parameter(t.detach(), requires_grad=trainable))
+    m.backend = backend  # judged again on the real device
+    return m
+
+
 def _stack(src: StackedExperts, rows: list[int], trainable: bool) -> StackedExperts | None:
     """A ``StackedExperts`` holding copies of ``src``'s experts ``rows`` (None if there are none)."""
     if not rows:
         return None
     w = src.expert_weights()
-    m = StackedExperts(len(rows), src.hidden_size, src.ffn_size, gated=src.gated, activation=src.activation,
-                       bias=src.has_bias, backend=src.backend, dtype=w.w_down_EDF.dtype, device="meta")
     idx = torch.tensor(rows, device=w.w_down_EDF.device)
-    tensors = {m.up_name: w.w_in_EMD, "down_proj": w.w_down_EDF}
-    if src.has_bias:
-        tensors.update({f"{m.up_name}_bias": w.b_in_EM, "down_proj_bias": w.b_down_ED})
     with torch.no_grad():
-        for name, t in tensors.items():
-            m.register_parameter(name, nn.Parameter(t.detach().index_select(0, idx), requires_grad=trainable))
-    m.backend = src.backend  # judged again on the real device
-    return m
+        rows_w = ExpertWeights(*(None if t is None else t.index_select(0, idx)
+                                 for t in (w.w_in_EMD, w.w_down_EDF, w.b_in_EM, w.b_down_ED)))
+    return _stacked(src, rows_w, trainable, src.backend)
 
 
 class SubsetExperts(ExpertsBase):
@@ -122,9 +130,6 @@ class SubsetExperts(ExpertsBase):
 
     def expert_weights(self) -> ExpertWeights:
         """All E experts in expert order: a fresh tensor per weight (differentiable w.r.t. ``trained``)."""
-        return self.merged_weights()
-
-    def merged_weights(self) -> ExpertWeights:
         parts = [(p.expert_weights(), ids) for p, ids in ((self.trained, self.expert_ids),
                                                            (self.frozen, self.frozen_ids)) if p is not None]
 
@@ -141,17 +146,7 @@ class SubsetExperts(ExpertsBase):
 
     def merged(self) -> StackedExperts:
         """A plain ``StackedExperts`` of all E experts (trained rows as they are now), trainable like before."""
-        w = self.merged_weights()
-        m = StackedExperts(self.num_experts, self.hidden_size, self.ffn_size, gated=self.gated,
-                           activation=self.activation, bias=self.has_bias, backend=self._backend,
-                           dtype=w.w_down_EDF.dtype, device="meta")
-        tensors = {m.up_name: w.w_in_EMD, "down_proj": w.w_down_EDF}
-        if self.has_bias:
-            tensors.update({f"{m.up_name}_bias": w.b_in_EM, "down_proj_bias": w.b_down_ED})
-        for name, t in tensors.items():
-            m.register_parameter(name, nn.Parameter(t.detach()))
-        m.backend = self._backend
-        return m
+        return _stacked(self, self.expert_weights(), True, self._backend)
 
     def forward(self, x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, weight_A: Tensor, *,
                 expert_major: bool = False, lowrank: LowRank | None = None) -> Tensor:
