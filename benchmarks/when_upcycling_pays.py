@@ -288,23 +288,22 @@ def flops_per_token(path: str, seq_len: int) -> tuple[float, int, int]:
 
 
 def _mlp_stacks(path: str) -> dict[int, torch.Tensor]:
-    """Layer -> its MLP weights as [E, N] (experts' gate_up and down flattened; a dense MLP as E=1)."""
+    """Layer -> its MLP weights as [E, N]: an MoE layer's experts (every ``experts.*_proj`` stack,
+    flattened per expert), a dense MLP as E=1 (gate, up, down)."""
     from safetensors import safe_open
 
     parts: dict[int, dict[str, torch.Tensor]] = {}
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         with safe_open(f, "pt") as st:
             for k in st.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                if ".mlp." in k and ".layers." in k and "router" not in k and k.rsplit(".", 1)[-1] != "bias":
+                if ".mlp." in k and ".layers." in k and k.endswith(("_proj", "_proj.weight")):
                     layer = int(k.split(".layers.")[1].split(".")[0])
                     parts.setdefault(layer, {})[k.split(".mlp.")[1]] = st.get_tensor(k).double()
     out = {}
     for layer, w in parts.items():
-        if "experts.gate_up_proj" in w:
-            E = w["experts.gate_up_proj"].shape[0]
-            out[layer] = torch.cat([w["experts.gate_up_proj"].reshape(E, -1), w["experts.down_proj"].reshape(E, -1)], 1)
-        elif "gate_proj.weight" in w:
-            out[layer] = torch.cat([w[k].flatten() for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")])[None]
+        names = sorted(w)  # the same order at both ends of a comparison
+        out[layer] = (torch.cat([w[n].reshape(w[n].shape[0], -1) for n in names], 1) if names[0].startswith("experts.")
+                      else torch.cat([w[n].flatten() for n in names])[None])
     return out
 
 
@@ -316,8 +315,6 @@ def mlp_moved(start: str, end: str, layers: list[int]) -> dict:
     each, mean = [], []
     for layer in layers:
         w0, w1 = a[layer], b[layer]
-        if w0.shape[0] != w1.shape[0]:  # the dense base against a fresh upcycle's copies
-            w0 = w0.expand_as(w1)
         norm = w0.mean(0).norm()
         each.append(float((w1 - w0).norm(dim=1).mean() / norm))
         mean.append(float((w1 - w0).mean(0).norm() / norm))
@@ -327,20 +324,11 @@ def mlp_moved(start: str, end: str, layers: list[int]) -> dict:
 def expert_spread(path: str) -> list[float]:
     """Per MoE layer: RMS distance of the experts' weights from their mean, over the mean's norm
     (0 for a plain upcycle: every expert a copy)."""
-    from safetensors import safe_open
-
-    per_layer: dict[str, list[torch.Tensor]] = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                if ".experts." in k and k.endswith("_proj"):
-                    w = st.get_tensor(k).double()
-                    per_layer.setdefault(k.rsplit(".experts.", 1)[0], []).append(w.reshape(w.shape[0], -1))
     out = []
-    for key in sorted(per_layer, key=lambda k: int(k.split(".layers.")[1].split(".")[0])):
-        w = torch.cat(per_layer[key], dim=1)
-        mean = w.mean(0)
-        out.append(float((w - mean).pow(2).sum(1).mean().sqrt() / mean.norm()))
+    for _, w in sorted(_mlp_stacks(path).items()):
+        if w.shape[0] > 1:  # an MoE layer (a dense one is E=1)
+            mean = w.mean(0)
+            out.append(float((w - mean).pow(2).sum(1).mean().sqrt() / mean.norm()))
     return out
 
 
