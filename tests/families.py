@@ -1,4 +1,4 @@
-"""Tiny random models of every family in ``upcycle.surgery.arch.FAMILIES``, built from transformers configs.
+"""Tiny random models of every family in ``upcycle.arch.FAMILIES``, built from transformers configs.
 
 Norm weights are drawn around 1 and biases around 0 (not left at their 1 / 0 init), so no
 norm or bias is the identity by accident; each family keeps what makes it itself

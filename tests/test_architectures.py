@@ -19,7 +19,7 @@ import upcycle
 from upcycle import ConvertConfig, MoEConfig
 from upcycle.cli import main
 from upcycle.moe import aux_loss, moe_blocks
-from upcycle.surgery.arch import FAMILIES, families_markdown
+from upcycle.arch import FAMILIES, families_markdown
 
 pytestmark = pytest.mark.oldest  # also run by make test-oldest, on the minimum versions
 
@@ -188,4 +188,4 @@ def test_readme_lists_the_table():
     assert block, "README.md lost its generated families table"
     assert block.group(1) == families_markdown(), (
         "README.md's families table is stale: paste the output of "
-        "python -c 'from upcycle.surgery.arch import families_markdown; print(families_markdown(), end=\"\")'")
+        "python -c 'from upcycle.arch import families_markdown; print(families_markdown(), end=\"\")'")

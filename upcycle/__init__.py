@@ -12,7 +12,7 @@ from upcycle import modeling as _modeling  # noqa: F401  (registers the Auto cla
 from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from upcycle.config import ConvertConfig, MoEConfig
 from upcycle.errors import UpcycleError
-from upcycle.models.upcycled import load
+from upcycle.models.loader import load
 from upcycle.surgery.convert import convert
 from upcycle.version import __version__
 

@@ -17,7 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import MoEBlock, use_attention_mask
-from upcycle.surgery.arch import FAMILIES, arch_spec
+from upcycle.arch import FAMILIES, arch_spec
 
 _CONFIG_CLASSES: dict[str, type] = {}
 _MODEL_CLASSES: dict[str, type] = {}

@@ -30,6 +30,7 @@ from torch import nn
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
 from upcycle.models.sources import base_fingerprint
+from upcycle.models.upcycled import load_upcycled
 from upcycle.moe.experts import StackedExperts
 from upcycle.moe.subset import SubsetExperts, check_expert_ids
 from upcycle.version import __version__
@@ -129,15 +130,13 @@ def _check_shape(key: str, value: torch.Tensor, shape) -> None:
 def load_esft(path: str, base: str | None = None, experts_backend: str = "auto", dtype=None, device=None):
     """The base model with the ESFT checkpoint ``path`` written into it (eval mode): what ``upcycle.load``
     returns for such a directory. ``base``: where the base is (default: the recorded path)."""
-    from upcycle.models.upcycled import load
-
     raw = read_esft_config(path)
     base = base or raw.get("base_model_name_or_path")
     if not base or not os.path.exists(base):
         raise UpcycleError(f"the base of ESFT checkpoint {path} ({base}) is not found; give it: upcycle merge "
                            f"{path} --base BASE --out DIR")
     check_esft_base(path, raw, base)
-    model = load(base, experts_backend=experts_backend, dtype=dtype, device=device)
+    model = load_upcycled(base, experts_backend=experts_backend, dtype=dtype, device=device)
     load_esft_tensors(model, path, raw["experts_subset"])
     return model
 

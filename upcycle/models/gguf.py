@@ -12,7 +12,7 @@ import torch
 from upcycle.errors import UpcycleError
 from upcycle.io import one_line
 from upcycle.models.base import Source, auto_tokenizer, load_config, natural_key
-from upcycle.surgery.arch import skeleton
+from upcycle.arch import skeleton
 
 # GGUF storage types get_tensor returns as they are; every quantised type comes back as float32.
 _GGUF_DTYPES = {

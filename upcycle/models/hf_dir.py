@@ -20,7 +20,7 @@ from upcycle.models.base import (
     load_config,
     natural_key,
 )
-from upcycle.surgery.arch import skeleton
+from upcycle.arch import skeleton
 
 
 def _checkpoint_to_model_names(model, keys) -> dict[str, str]:

@@ -1,7 +1,11 @@
-"""One loader for "an upcycled directory, else any dense source": what eval, generate, merge and train open.
+"""One loader for every checkpoint kind: what ``upcycle.load``, eval, generate, merge and train open.
 
+    model = load("runs/esft/checkpoints/last")                        # upcycle.load: upcycled or ESFT
     model, tokenizer = load_model_and_tokenizer("runs/smollm2-moe")   # upcycle.load + its tokenizer
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")       # the dense source itself
+
+The kinds know nothing of each other (``upcycled`` loads a directory, ``esft`` builds on it);
+this module, above both, picks one.
 """
 
 from __future__ import annotations
@@ -10,9 +14,21 @@ import os
 
 from upcycle.errors import UpcycleError
 from upcycle.io import read_model_config
-from upcycle.models.esft import is_esft_dir
+from upcycle.models.esft import is_esft_dir, load_esft
 from upcycle.models.sources import open_source
-from upcycle.models.upcycled import load
+from upcycle.models.upcycled import load_upcycled
+
+
+def load(path: str, experts_backend: str = "auto", dtype=None, device=None):
+    """``upcycle.load``: an upcycled checkpoint as a ready (eval-mode) transformers model.
+
+    ``experts_backend``: ``auto`` (triton on CUDA, else grouped_mm where dtype and shapes
+    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``. An ESFT checkpoint (the trained
+    experts of a run with ``experts_subset``) loads as its base with those experts written in.
+    """
+    if is_esft_dir(path):
+        return load_esft(path, experts_backend=experts_backend, dtype=dtype, device=device)
+    return load_upcycled(path, experts_backend=experts_backend, dtype=dtype, device=device)
 
 
 def _upcycled(spec: str) -> bool:

@@ -1,6 +1,6 @@
 """Upcycled checkpoints: load one, describe one (``upcycle inspect``).
 
-    model = upcycle.load("runs/smollm2-moe", experts_backend="grouped_mm")
+    model = load_upcycled("runs/smollm2-moe", experts_backend="grouped_mm")   # upcycle.load dispatches here
 
 The format (DESIGN.md section 3) is a Hugging Face model directory whose config.json has an
 ``upcycle`` section; ``save_pretrained`` of a loaded model writes the same format back.
@@ -19,22 +19,19 @@ from upcycle.config import MoEConfig, from_dict
 from upcycle.errors import UpcycleError
 from upcycle.io import read_model_config, read_safetensors_header
 from upcycle.modeling import register
-from upcycle.models.esft import is_esft_dir, load_esft
 from upcycle.moe.block import set_experts_backend
 from upcycle.moe.schemes import ROUTING_FIELDS, routing_scheme
 
 
-def load(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | None = None, device=None):
-    """Load an upcycled checkpoint as a ready (eval-mode) transformers model.
+def load_upcycled(path: str, experts_backend: str = "auto", dtype: torch.dtype | str | None = None, device=None):
+    """Load an upcycled checkpoint directory as a ready (eval-mode) transformers model.
 
     ``experts_backend``: ``auto`` (triton on CUDA, else grouped_mm where dtype and shapes
-    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``. An ESFT checkpoint (the trained
-    experts of a run with ``experts_subset``) loads as its base with those experts written in.
+    allow, else loop), ``loop``, ``grouped_mm`` or ``triton``. ``upcycle.load`` (``models.loader``)
+    also takes the checkpoints that are made from such a directory (ESFT).
     """
     from transformers import AutoModelForCausalLM
 
-    if is_esft_dir(path):
-        return load_esft(path, experts_backend=experts_backend, dtype=dtype, device=device)
     raw = read_model_config(path)
     if "upcycle" not in raw:
         raise UpcycleError(f"{path} is not an upcycled checkpoint (config.json has no 'upcycle' section)")

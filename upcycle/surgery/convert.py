@@ -34,7 +34,7 @@ from upcycle.models.base import Source
 from upcycle.modeling import register
 from upcycle.models.sources import open_source
 from upcycle.moe.schemes import routing_scheme
-from upcycle.surgery.arch import ArchSpec, arch_spec, skeleton
+from upcycle.arch import ArchSpec, arch_spec, skeleton
 from upcycle.surgery.dense_mlp import check_layer, dense_biases, dense_weights, mlp_dims, resolve_form, source_names
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
 from upcycle.version import __version__

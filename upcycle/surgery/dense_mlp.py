@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from upcycle.surgery.arch import ArchSpec, MLPForm, mlp_form, refuse
+from upcycle.arch import ArchSpec, MLPForm, mlp_form, refuse
 
 _VERIFY_TOKENS = 16
 

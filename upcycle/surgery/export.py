@@ -212,7 +212,7 @@ def plan_target(raw: dict, fmt: str):
 def _tensor_map(src, config) -> dict[str, tuple[str | None, tuple, torch.dtype]]:
     """Target tensor -> (source tensor or None for zeros, shape, dtype), checked against the stock
     class's own state dict; a source tensor the target has no place for is a refusal."""
-    from upcycle.surgery.arch import skeleton
+    from upcycle.arch import skeleton
 
     with warnings.catch_warnings():  # torch notes that the size-0 shared expert has nothing to initialise
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")

@@ -14,12 +14,12 @@ from torch import nn
 from upcycle.errors import UpcycleError
 from upcycle.models.loader import load_model_and_tokenizer
 from upcycle.moe.block import moe_blocks
-from upcycle.surgery.arch import arch_spec
+from upcycle.arch import arch_spec
 from upcycle.train.config import TrainConfig
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers, where the architecture spec (``upcycle.surgery.arch``) finds them."""
+    """The decoder layers, where the architecture spec (``upcycle.arch``) finds them."""
     up = getattr(model.config, "upcycle", None)
     path = up["layers"] if isinstance(up, dict) and "layers" in up else arch_spec(model.config, model).layers_prefix
     return model.get_submodule(path)
