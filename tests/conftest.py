@@ -94,3 +94,17 @@ def make_upcycled(path, *, experts: int = 4, layers: int = 2, routing: str = "to
     convert(ConvertConfig(out=str(path), model=str(dense), layers=layers, seed=seed, progress=False,
                           moe=MoEConfig(num_experts=experts, routing=routing)))
     return path
+
+
+def llama_cpp_dir():
+    """The llama.cpp tree vendored by the pinned llama-cpp-python sdist (``make engines`` unpacks it and sets
+    ``UPCYCLE_LLAMA_CPP``): its ``convert_hf_to_gguf.py`` and ``gguf-py`` make the GGUF test fixtures.
+
+    Tests marked ``engines`` run under ``make test-engines``, which provides it: missing there is a failure,
+    not a skip (a skipped engine check would read as a passed one)."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("UPCYCLE_LLAMA_CPP", Path.home() / ".cache/upcycle-engines/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    if not (path / "convert_hf_to_gguf.py").is_file():
+        pytest.fail(f"llama.cpp's converter is not at {path}: run `make test-engines` (it builds and unpacks it)")
+    return path
