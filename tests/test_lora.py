@@ -203,6 +203,20 @@ def test_lora_linear_matches_merged_weight_and_round_trips():
     assert not base.weight.requires_grad and lin.lora_A.weight.requires_grad
 
 
+def test_merging_under_autocast_adds_the_float32_update(dirs):
+    # B A is computed in the adapters' float32: autocast (which would run the products in bf16) changes nothing.
+    model = _lora_moe(dirs["moe"], backend="loop")
+    _randomize(model)
+    wanted = {n: m.delta_weights() if isinstance(m, LoraExperts) else m.delta_weight()
+              for n, m in lora_modules(model).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for n, m in lora_modules(model).items():
+            got = m.delta_weights() if isinstance(m, LoraExperts) else m.delta_weight()
+            for a, b in zip(got if isinstance(got, tuple) else (got,), wanted[n] if isinstance(got, tuple)
+                            else (wanted[n],)):
+                assert a.dtype == torch.float32 and torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_merge_then_unmerge_restores_weights(dirs, backend):
     model = _lora_moe(dirs["moe"], backend=backend)
