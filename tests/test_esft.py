@@ -198,6 +198,43 @@ def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corp
         upcycle.load(str(bad))
 
 
+def test_esft_base_is_found_by_its_record_and_checked(tiny_moe, tmp_path, monkeypatch):  # noqa: F811
+    # Reopening an ESFT checkpoint reopens its base: recorded absolute, checked by fingerprint, one line
+    # naming the record and what was found when it moved or changed.
+    from conftest import make_upcycled
+
+    import upcycle
+    from upcycle.adapters import merge_command
+    from upcycle.models.esft import save_esft
+    from upcycle.models.sources import base_fingerprint
+    from upcycle.train.esft import restrict_training
+
+    base, other = tmp_path / "base", make_upcycled(tmp_path / "other", seed=1)
+    shutil.copytree(tiny_moe, base)
+    monkeypatch.chdir(tmp_path)
+    model = upcycle.load("base")
+    choice = {"model.layers.3.mlp.experts": [1]}
+    restrict_training(model, choice, _cfg(train_router=False, train_attention=False), lora=False)
+    ckpt = tmp_path / "ckpt"
+    save_esft(model, str(ckpt), base_path="base", fingerprint=None, subset=choice, settings={})
+    raw = json.loads((ckpt / "esft_config.json").read_text())
+    assert raw["base_model_name_or_path"] == str(base)  # absolute, whatever was typed
+    want = base_fingerprint(str(base))
+    monkeypatch.chdir(other)
+    upcycle.load(str(ckpt))
+    with pytest.raises(UpcycleError, match=rf"^the base of ESFT checkpoint {ckpt} is {base} \(fingerprint {want}\), but "
+                                           rf"{other} has fingerprint sha256:\w+$"):
+        merge_command(str(ckpt), str(tmp_path / "merged"), base=str(other))
+    shutil.move(base, tmp_path / "moved")
+    with pytest.raises(UpcycleError, match=rf"^the base of ESFT checkpoint {ckpt}, {base} \(fingerprint {want}\), is not "
+                                           rf"found: .*; give the right one: upcycle merge {ckpt} --base BASE --out DIR$"):
+        upcycle.load(str(ckpt))
+    shutil.copytree(other, base)
+    with pytest.raises(UpcycleError, match=rf"is {base} \(fingerprint {want}\), but {base} has fingerprint sha256:"):
+        upcycle.load(str(ckpt))
+    assert not (tmp_path / "merged").exists()
+
+
 def test_esft_resume_reuses_the_recorded_choice(tiny_moe, corpus, tmp_path, monkeypatch):  # noqa: F811
     from upcycle.train import esft
 
