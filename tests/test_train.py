@@ -229,7 +229,7 @@ def test_a_single_text_file_is_evaluated_on_its_tail_or_the_run_says_it_will_not
     assert train_text >= full  # every character in one split or the other (plus an EOS each)
     # Too short to hold anything out: said at the start.
     with pytest.warns(UserWarning, match=r"^no held-out data: data.train .* leaves nothing to hold out at "
-                                         r"eval_fraction 1e-05; no evaluation will run \(eval_every=2, nor at the end\)"):
+                                         r"eval_fraction 1e-05; no evaluation will run \(every 2 steps nor at the end\)"):
         s = train(recipe(tiny_moe, corpus, tmp_path / "none", max_steps=2, eval_every=2, data__eval=None,
                          data__eval_fraction=1e-5))
     assert s["final_eval"] is None

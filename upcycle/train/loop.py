@@ -107,8 +107,9 @@ def _announce(t) -> None:
              f"steps: {t.total_steps} ({t.total_steps / t.steps_per_epoch:.2f} epochs); "
              f"MoE layers: {t.model_info['moe_layers']}"]
     if t.changes:
-        lines.append("changed since the checkpoint, applied from step " f"{t.step + 1} as a fresh run with them would: "
-                     + ", ".join(f"{k} {was} -> {now}" for k, (was, now) in t.changes.items()))
+        changed = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in t.changes.items())
+        lines.append(f"changed since the checkpoint, applied from step {t.step + 1} as a fresh run with them would: "
+                     f"{changed}")
     if "trainable" in t.model_info:
         lines.append(t.model_info["trainable"])
     lines.append(describe_optimizer(cfg.optim.name, t.d.device))

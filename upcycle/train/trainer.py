@@ -158,11 +158,12 @@ class Trainer:
         if not sum(self.eval_targets):  # no held-out data, or none with a target token: no evaluation, said now
             self.eval_ds = None
             if d.main and (cfg.data.eval is not None or cfg.data.eval_fraction > 0):
-                held = self.data_report["eval"]
+                held, data = self.data_report["eval"], cfg.data
                 why = (f"{held['source']} has no token to score" if held else
-                       f"data.train {cfg.data.train} leaves nothing to hold out at eval_fraction {cfg.data.eval_fraction:g}")
-                warnings.warn(f"no held-out data: {why}; no evaluation will run (eval_every={cfg.eval_every}, nor at "
-                              "the end): set data.eval to a file or dataset to evaluate on", stacklevel=2)
+                       f"data.train {data.train} leaves nothing to hold out at eval_fraction {data.eval_fraction:g}")
+                when = f"every {cfg.eval_every} steps nor at the end" if cfg.eval_every else "at the end"
+                warnings.warn(f"no held-out data: {why}; no evaluation will run ({when}): set data.eval to a file or "
+                              "dataset to evaluate on", stacklevel=2)
         self.model = distributed.wrap(model, d, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
