@@ -1,6 +1,6 @@
 """Routing numerics: how often bf16 changes which experts a token goes to (docs/benchmarks.md, "Numerics").
 
-    python benchmarks/routing_numerics.py                          # the demo upcycle: smollm2-135m, 6 layers x 8 experts
+    python benchmarks/routing_numerics.py            # the demo upcycle: smollm2-135m, 6 layers x 8 experts
     python benchmarks/routing_numerics.py --model runs/x --tokens 4096 --train-steps 20
 
 On the first ``--tokens`` tokens of Hamlet (held out by the recipes), per MoE layer, the share of
@@ -200,7 +200,8 @@ def main() -> None:
                                               moe=upcycle.MoEConfig(num_experts=8)))
     models = [("fresh", a.model)]
     if a.train_steps > 0:
-        models.append((f"after {a.train_steps} steps", train_a_little(a.model, a.train_steps, a.model + "-numerics-cpt")))
+        trained = train_a_little(a.model, a.train_steps, a.model + "-numerics-cpt")
+        models.append((f"after {a.train_steps} steps", trained))
     print(f"# routing numerics, {platform.processor() or platform.machine()} CPU, torch {torch.__version__}, "
           f"{datetime.date.today()}; top-K sets that differ from float32 routing, % of tokens")
     for label, path in models:

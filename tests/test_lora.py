@@ -286,8 +286,8 @@ def test_merge_reopens_the_recorded_base_and_checks_it(dirs, tmp_path, monkeypat
     shutil.copytree(dirs["moe2"], tmp_path / "base")
     monkeypatch.chdir(dirs["moe"])
     with pytest.raises(UpcycleError, match=rf"^the base of adapter {tmp_path / 'ad'} is {tmp_path / 'base'} \(fingerprint "
-                                           rf"sha256:\w+\), but {tmp_path / 'base'} has fingerprint sha256:\w+; pass the "
-                                           r"right one: --base PATH$"):
+                                           rf"sha256:\w+\), but {tmp_path / 'base'} has fingerprint sha256:\w+; give the "
+                                           rf"right one: upcycle merge {tmp_path / 'ad'} --base BASE --out DIR$"):
         merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"))
     assert not (tmp_path / "merged").exists()
 
@@ -413,7 +413,8 @@ def test_merge_command_on_a_dense_base_with_explicit_base(dirs, tmp_path):
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     raw = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**raw, "base_model_name_or_path": str(tmp_path / "moved")}))
-    with pytest.raises(UpcycleError, match=r"moved \(fingerprint sha256:\w+\), is not found: .*; pass the right one: --base PATH$"):
+    with pytest.raises(UpcycleError, match=r"moved \(fingerprint sha256:\w+\), is not found: .*; give the right one: "
+                                           r"upcycle merge .*ad --base BASE --out DIR$"):
         merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"))
     merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"), base=dirs["dense"])
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))), want, **FP32)

@@ -44,7 +44,9 @@ def merge_command(adapter_dir: str, out: str, base: str | None = None, progress:
         return _merge_esft(adapter_dir, out, base, exists, progress)
     raw = read_adapter_config(adapter_dir)
     # Found and checked before anything big is loaded.
-    base = adapter_base(adapter_dir, raw, base, hint="; pass the right one: --base PATH")
+    # (Also reached from `upcycle export ADAPTER`, which has no --base: the hint names merge.)
+    base = adapter_base(adapter_dir, raw, base, hint=f"; give the right one: upcycle merge {adapter_dir} --base BASE "
+                                                    "--out DIR")
     with _Stages(progress) as stage:
         stage("loading the base")
         model = load_model(base)

@@ -49,7 +49,7 @@ def check_fingerprint(spec: str, want: str | None, *, what: str, recorded: str |
 
     ``what`` names the record ("the base of adapter runs/ad"); ``recorded`` is the model it
     names, if it names one; ``have`` is ``spec``'s fingerprint when the caller has it already
-    (hashing a large model takes seconds); ``hint`` ends the line (e.g. "; pass the right one: --base PATH").
+    (hashing a large model takes seconds); ``hint`` ends the line (how to name the right model).
     """
     if not want:
         return

@@ -107,8 +107,8 @@ def check_steps(state: dict, total_steps: int, path: str) -> None:
     """A resume must not end before the step its checkpoint reached."""
     step = int(state["step"])
     if total_steps < step:
-        raise UpcycleError(f"cannot resume from {path}: it is at step {step}, and the recipe ends at step {total_steps} "
-                           "(max_steps or epochs); raise it, or evaluate that checkpoint as it is")
+        raise UpcycleError(f"cannot resume from {path}: it is at step {step}, and the recipe ends at step "
+                           f"{total_steps} (max_steps or epochs); raise it, or evaluate that checkpoint as it is")
 
 
 def check_same_data(state: dict, train_report: dict, path: str) -> None:
@@ -117,7 +117,8 @@ def check_same_data(state: dict, train_report: dict, path: str) -> None:
     was = state.get("data")
     if was is None:  # checkpoints from before it was recorded: the run directory's data.json, if any
         try:
-            was = read_json_object(os.path.join(os.path.dirname(os.path.dirname(path)), "data.json"), "a data report")["train"]
+            run_dir = os.path.dirname(os.path.dirname(path))
+            was = read_json_object(os.path.join(run_dir, "data.json"), "a data report")["train"]
         except (UpcycleError, KeyError):
             return
     if was != train_report:
@@ -160,7 +161,7 @@ def check_adapter_base(path: str, model: str, fingerprint: str | None, kind: str
         raw = read_adapter_config(path)
         want, recorded = (raw.get("upcycle") or {}).get("base_fingerprint"), raw.get("base_model_name_or_path")
     if fingerprint:
-        what = "the base its trained experts were trained on" if kind == "esft" else "the base its adapter was trained on"
+        what = "the base its " + ("trained experts were" if kind == "esft" else "adapter was") + " trained on"
         check_fingerprint(model, want, what=f"cannot resume from {path}: {what}", recorded=recorded, have=fingerprint,
                           hint="; resume with that model=, or start a new run with another out=")
 
