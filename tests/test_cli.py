@@ -216,6 +216,47 @@ def test_merge_and_inspect_adapter_commands(capsys, tmp_path, dense_dir):
            "fingerprint", tmp_path)
 
 
+def test_eval_baseline_is_the_recorded_source_wherever_it_runs(capsys, tmp_path, monkeypatch):
+    # The repro: convert --model ttok (relative) in a/; then, from a/sub/, which holds another model saved
+    # as ttok, eval --baseline compared the upcycle with that other model (perplexities 123,798 vs 92,308).
+    import shutil
+
+    from conftest import make_char_tokenizer
+
+    a, sub = tmp_path / "a", tmp_path / "a" / "sub"
+    for where, seed in ((a, 0), (sub, 1)):
+        make_dense("llama", where / "ttok", seed=seed)
+        make_char_tokenizer().save_pretrained(where / "ttok")
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 8)
+    monkeypatch.chdir(a)
+    assert main(_conv("ttok", "out/ttok", "--layers", "2", "--experts", "4")) == 0
+    config = a / "out" / "ttok" / "config.json"
+    assert json.loads(config.read_text())["upcycle"]["source"]["model"] == str(a / "ttok")  # recorded absolute
+    monkeypatch.chdir(sub)
+    ev = ["eval", str(a / "out" / "ttok"), "--text", str(text), "--baseline", "--json", "--no-progress"]
+    capsys.readouterr()
+    assert main(ev) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["results"][0]["model"] == str(a / "ttok") and r["max_abs_logit_diff"] < 1e-4  # a fresh upcycle: the dense
+    # A checkpoint written before sources were recorded absolute: ./ttok here is the other model, so the recorded
+    # one is found by its fingerprint beside the checkpoint's parents (where convert ran).
+    raw = json.loads(config.read_text())
+    raw["upcycle"]["source"]["model"] = "ttok"
+    config.write_text(json.dumps(raw))
+    assert main(ev) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["model"] == str(a / "ttok")
+    raw["upcycle"]["source"]["model"] = str(a / "ttok")
+    config.write_text(json.dumps(raw))
+    # Moved away, or replaced by another model: one line naming the record (path, fingerprint) and what was found.
+    want = raw["upcycle"]["source"]["fingerprint"]
+    shutil.move(a / "ttok", tmp_path / "moved")
+    _fails(capsys, ev, f"the dense source of {a / 'out' / 'ttok'}, {a / 'ttok'} (fingerprint {want}), is not found",
+           tmp_path)
+    shutil.copytree(sub / "ttok", a / "ttok")
+    _fails(capsys, ev, f"is {a / 'ttok'} (fingerprint {want}), but {a / 'ttok'} has fingerprint sha256:", tmp_path)
+
+
 def test_upcycled_source_and_source_as_out_are_refused(capsys, tmp_path, dense_dir):
     import shutil
 
@@ -253,6 +294,38 @@ def test_eval_and_generate_flags_are_checked_before_loading(capsys, tmp_path):
                         (["generate", "nope", "--prompt", " "], "--prompt is empty"),
                         (["generate", "nope", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens")]:
         _fails(capsys, args, match, tmp_path)
+
+
+def test_eval_refuses_whitespace_and_a_tokenizer_beyond_the_vocabulary(capsys, tmp_path):
+    # train refuses a whitespace-only file as empty; eval gave it a perplexity. A tokenizer whose ids pass the
+    # model's vocabulary ended eval (and generate, and train) in an IndexError traceback from the embedding.
+    from conftest import make_char_tokenizer
+
+    text = tmp_path / "t.txt"
+    text.write_text(" \n\t\n")
+    _fails(capsys, ["eval", "nope", "--text", str(text)], f"{text} is empty: no text to evaluate", tmp_path)
+    model = tmp_path / "small-vocab"
+    make_dense("llama", model, vocab_size=64)
+    make_char_tokenizer().save_pretrained(model)  # ids up to 100
+    text.write_text("Zebras")  # lower-case letters have ids 70 and up
+    _fails(capsys, ["eval", str(model), "--text", str(text), "--no-progress"],
+           "the text, as the tokenizer encodes it, has token id", tmp_path)
+    _fails(capsys, ["generate", str(model), "--prompt", "Zebras", "--no-chat-template"],
+           "beyond the model's vocabulary (64 embeddings): the tokenizer does not belong to this model", tmp_path)
+
+
+def test_merge_shows_progress_unless_told_not_to(capsys, tmp_path, dense_dir):
+    import upcycle
+    from upcycle.adapters import LoraConfig, apply_lora, save_adapter
+
+    assert main(_conv(dense_dir, tmp_path / "moe", "--layers", "2", "--experts", "4")) == 0
+    save_adapter(apply_lora(upcycle.load(str(tmp_path / "moe")), LoraConfig(r=4)), str(tmp_path / "ad"),
+                 str(tmp_path / "moe"))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "m1")]) == 0
+    assert "merging: 100%" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "m2"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_checkpoint_moved_aside_by_a_killed_overwrite_is_restored(tmp_path, dense_dir, capsys):

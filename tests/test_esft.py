@@ -68,6 +68,55 @@ def test_subset_experts_compute_what_the_plain_experts_compute(backend, expert_m
     assert all(torch.equal(a, b) for a, b in zip(merged.parameters(), plain.parameters()))
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_bf16_subset_experts_round_once_like_the_plain_experts(backend):
+    # Two experts per token: a float32 sum of two terms does not depend on their order, so the subset's
+    # output must be the plain experts' bit for bit (the parts rounded to bf16 before adding were one bf16
+    # step off in about a fifth of the outputs).
+    torch.manual_seed(0)
+    E, D, Fn, T = 6, 32, 48, 256
+    plain = StackedExperts(E, D, Fn, gated=True, activation="silu", backend=backend, dtype=torch.bfloat16)
+    sub = SubsetExperts.from_experts(plain, [1, 4])
+    tok = torch.arange(T).repeat_interleave(2)
+    exp = torch.stack([torch.randperm(E)[:2] for _ in range(T)]).reshape(-1)
+    w = torch.rand(2 * T)
+    x = torch.randn(T, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, got = plain(x, tok, exp, w), sub(x, tok, exp, w)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_routing_sample_is_float32_under_autocast():
+    # ESFT's sample runs under the training autocast (bf16 on a GPU): its loads must be the float32
+    # routing's. Embeddings then one MoE block: the router's input is the same float32 either way.
+    from torch import nn
+
+    from upcycle.config import MoEConfig
+    from upcycle.moe.block import MoEBlock
+    from upcycle.train.esft import route_sample
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(64, 576)
+            self.block = MoEBlock(MoEConfig(num_experts=8), 576, 32, gated=True, activation="silu", backend="loop")
+            self.block.router.weight.normal_(0, 0.02)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.embed(input_ids)
+            return h + self.block(h)
+
+    model = Tiny()
+    g = torch.Generator().manual_seed(1)
+    sample = [{"input_ids": torch.randint(0, 64, (512,), generator=g).tolist()} for _ in range(8)]
+    kw = dict(micro_batch_size=4, pad_id=0, device="cpu")
+    want = route_sample(model, sample, **kw)
+    got = route_sample(model, sample, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), **kw)
+    assert got == want and sum(want["block.experts"]["tokens"]) == 8 * 512 * 2
+
+
 def test_bad_experts_subset_settings_are_one_line_errors():
     with pytest.raises(UpcycleError, match="exactly one of coverage .* and top"):
         load_recipe("continued_pretraining", ["experts_subset.coverage=0.8", "experts_subset.top=2"])
@@ -147,6 +196,43 @@ def test_full_esft_trains_only_the_chosen_experts_and_merges_back(tiny_moe, corp
     save_file(weights, bad / "esft_model.safetensors")
     with pytest.raises(UpcycleError, match="lacks model.layers.3.mlp.experts's trained down_proj"):
         upcycle.load(str(bad))
+
+
+def test_esft_base_is_found_by_its_record_and_checked(tiny_moe, tmp_path, monkeypatch):  # noqa: F811
+    # Reopening an ESFT checkpoint reopens its base: recorded absolute, checked by fingerprint, one line
+    # naming the record and what was found when it moved or changed.
+    from conftest import make_upcycled
+
+    import upcycle
+    from upcycle.adapters import merge_command
+    from upcycle.models.esft import save_esft
+    from upcycle.models.sources import base_fingerprint
+    from upcycle.train.esft import restrict_training
+
+    base, other = tmp_path / "base", make_upcycled(tmp_path / "other", seed=1)
+    shutil.copytree(tiny_moe, base)
+    monkeypatch.chdir(tmp_path)
+    model = upcycle.load("base")
+    choice = {"model.layers.3.mlp.experts": [1]}
+    restrict_training(model, choice, _cfg(train_router=False, train_attention=False), lora=False)
+    ckpt = tmp_path / "ckpt"
+    save_esft(model, str(ckpt), base_path="base", fingerprint=None, subset=choice, settings={})
+    raw = json.loads((ckpt / "esft_config.json").read_text())
+    assert raw["base_model_name_or_path"] == str(base)  # absolute, whatever was typed
+    want = base_fingerprint(str(base))
+    monkeypatch.chdir(other)
+    upcycle.load(str(ckpt))
+    with pytest.raises(UpcycleError, match=rf"^the base of ESFT checkpoint {ckpt} is {base} \(fingerprint {want}\), but "
+                                           rf"{other} has fingerprint sha256:\w+$"):
+        merge_command(str(ckpt), str(tmp_path / "merged"), base=str(other))
+    shutil.move(base, tmp_path / "moved")
+    with pytest.raises(UpcycleError, match=rf"^the base of ESFT checkpoint {ckpt}, {base} \(fingerprint {want}\), is not "
+                                           rf"found: .*; give the right one: upcycle merge {ckpt} --base BASE --out DIR$"):
+        upcycle.load(str(ckpt))
+    shutil.copytree(other, base)
+    with pytest.raises(UpcycleError, match=rf"is {base} \(fingerprint {want}\), but {base} has fingerprint sha256:"):
+        upcycle.load(str(ckpt))
+    assert not (tmp_path / "merged").exists()
 
 
 def test_esft_resume_reuses_the_recorded_choice(tiny_moe, corpus, tmp_path, monkeypatch):  # noqa: F811

@@ -91,6 +91,44 @@ def test_fresh_upcycle_to_qwen2_moe(tmp_path, capsys):
     _same(src, tmp_path / "q", tmp_path)
 
 
+STOCK_MOE = {
+    "qwen2_moe": dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+                      num_experts_per_tok=2, mlp_only_layers=[0], decoder_sparse_step=1),
+    "qwen3_moe": dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3, head_dim=16),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("arch", list(STOCK_MOE) + ["export"])
+def test_inspect_counts_the_active_parameters_of_stock_moe_checkpoints(tmp_path, capsys, arch):
+    # Active parameters were reported equal to the total for stock MoE checkpoints, our exports included. Counted
+    # here from transformers' own modules: of every routed experts module K/E is active, the rest (attention, dense
+    # layers, the shared expert, routers) always is.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch == "export":
+        path = tmp_path / "q"
+        assert main(["export", str(_upcycle(tmp_path)), "--out", str(path), "--no-progress"]) == 0
+        model, E, K = AutoModelForCausalLM.from_pretrained(path), 4, 2
+    else:
+        config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **STOCK_MOE[arch])
+        model = AutoModelForCausalLM.from_config(config)
+        path = tmp_path / arch
+        model.save_pretrained(path)
+        E = STOCK_MOE[arch].get("num_experts") or STOCK_MOE[arch]["num_local_experts"]
+        K = STOCK_MOE[arch]["num_experts_per_tok"]
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters())
+    assert routed > 0
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == total
+    assert (info["active_params_per_token"], info["num_experts"], info["experts_per_token"]) == (
+        total - routed * (E - K) // E, E, K)
+
+
 def test_trained_upcycle_with_qkv_biases(tmp_path):
     """A Qwen2 source (q/k/v biases) whose router and experts moved away from the copies."""
     src = _upcycle(tmp_path, arch="qwen2", normalize_topk=False)

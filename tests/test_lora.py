@@ -203,6 +203,20 @@ def test_lora_linear_matches_merged_weight_and_round_trips():
     assert not base.weight.requires_grad and lin.lora_A.weight.requires_grad
 
 
+def test_merging_under_autocast_adds_the_float32_update(dirs):
+    # B A is computed in the adapters' float32: autocast (which would run the products in bf16) changes nothing.
+    model = _lora_moe(dirs["moe"], backend="loop")
+    _randomize(model)
+    wanted = {n: m.delta_weights() if isinstance(m, LoraExperts) else m.delta_weight()
+              for n, m in lora_modules(model).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for n, m in lora_modules(model).items():
+            got = m.delta_weights() if isinstance(m, LoraExperts) else m.delta_weight()
+            for a, b in zip(got if isinstance(got, tuple) else (got,), wanted[n] if isinstance(got, tuple)
+                            else (wanted[n],)):
+                assert a.dtype == torch.float32 and torch.equal(a, b), n
+
+
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 def test_merge_then_unmerge_restores_weights(dirs, backend):
     model = _lora_moe(dirs["moe"], backend=backend)
@@ -252,9 +266,30 @@ def test_adapter_on_another_base_is_a_clear_error(dirs, tmp_path):
     model = _lora_moe(dirs["moe"])
     save_adapter(model, str(tmp_path / "ad"), base_path=dirs["moe"])
     other = upcycle.load(dirs["moe2"])
-    with pytest.raises(UpcycleError, match=r"fingerprint sha256:\w+, but .*moe2 has sha256:\w+$"):
+    # One line naming both: the recorded base with its fingerprint, and what the other model has.
+    with pytest.raises(UpcycleError, match=r"base of adapter .* is .*moe \(fingerprint sha256:\w+\), but .*moe2 has fingerprint sha256:\w+$"):
         load_adapter(other, str(tmp_path / "ad"))
     assert not lora_modules(other)
+
+
+def test_merge_reopens_the_recorded_base_and_checks_it(dirs, tmp_path, monkeypatch):
+    # The base is recorded absolute whatever was typed; replaced by another model it is one line naming both.
+    import shutil
+
+    shutil.copytree(dirs["moe"], tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = _lora_moe("base")
+    save_adapter(model, "ad", base_path="base")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base")
+    shutil.rmtree(tmp_path / "base")
+    shutil.copytree(dirs["moe2"], tmp_path / "base")
+    monkeypatch.chdir(dirs["moe"])
+    with pytest.raises(UpcycleError, match=rf"^the base of adapter {tmp_path / 'ad'} is {tmp_path / 'base'} \(fingerprint "
+                                           rf"sha256:\w+\), but {tmp_path / 'base'} has fingerprint sha256:\w+; give the "
+                                           rf"right one: upcycle merge {tmp_path / 'ad'} --base BASE --out DIR$"):
+        merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"))
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -322,6 +357,23 @@ def test_peft_loads_our_adapter_on_the_upcycled_base(dirs, tmp_path, cfg):
 
 
 @needs_peft
+def test_peft_loads_an_expert_adapter_trained_with_dropout(dirs, tmp_path):
+    # PEFT's expert wrapper refuses lora_dropout != 0 ("ParamWrapper does not work with lora_dropout != 0"):
+    # the file says 0 for PEFT (dropout acts in training only) and keeps the trained value for us.
+    from peft import PeftModel
+
+    model = _lora_moe(dirs["moe"], dropout=0.1)
+    _randomize(model)
+    want = _logits(model.eval())
+    save_adapter(model, str(tmp_path / "ad"), base_path=dirs["moe"])
+    peft_model = PeftModel.from_pretrained(upcycle.load(dirs["moe"], experts_backend="grouped_mm"),
+                                           str(tmp_path / "ad"))
+    torch.testing.assert_close(_logits(peft_model), want, **FP32)
+    ours = load_adapter(upcycle.load(dirs["moe"]), str(tmp_path / "ad"))
+    assert ours.upcycle_lora_config.dropout == 0.1 and describe_adapter(str(tmp_path / "ad"))["dropout"] == 0.1
+
+
+@needs_peft
 def test_we_load_a_peft_made_adapter(dirs, tmp_path):
     import peft
 
@@ -361,7 +413,8 @@ def test_merge_command_on_a_dense_base_with_explicit_base(dirs, tmp_path):
     cfg_path = tmp_path / "ad" / "adapter_config.json"
     raw = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**raw, "base_model_name_or_path": str(tmp_path / "moved")}))
-    with pytest.raises(UpcycleError, match="pass --base"):
+    with pytest.raises(UpcycleError, match=r"moved \(fingerprint sha256:\w+\), is not found: .*; give the right one: "
+                                           r"upcycle merge .*ad --base BASE --out DIR$"):
         merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"))
     merge_command(str(tmp_path / "ad"), str(tmp_path / "merged"), base=dirs["dense"])
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))), want, **FP32)

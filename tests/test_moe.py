@@ -401,6 +401,46 @@ def test_block_aux_loss_is_weighted_sum_with_router_gradient(routing):
     assert block.aux_loss is None
 
 
+class _CountingRouter(nn.Module):
+    """A router wrapped as PEFT (modules_to_save) or a quantiser wraps one: its own forward must run."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["router", "wrapped-router"])
+@pytest.mark.parametrize("routing", ["topk", "expert-choice"])
+def test_routing_is_float32_whatever_autocast_says(routing, wrapped):
+    # The issue's shape (8 experts, hidden 576, 4,096 tokens) and convert's router init (std 0.02): under
+    # CPU autocast, which casts like CUDA's, the bf16 router gave 0.6% of the tokens another top-2 set.
+    block = _block(routing, D=576, Fn=32, E=8, backend="loop", aux_loss_weight=0.01, z_loss_weight=0.001).train()
+    with torch.no_grad():
+        block.router.weight.normal_(0, 0.02, generator=_gen(1))
+    if wrapped:
+        block.router = _CountingRouter(block.router)
+    x = torch.randn(2, 2048, 576, generator=_gen(0))
+    want = block.route(x)
+    block(x)
+    want_aux = block.aux_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block.route(x)
+        block(x)
+    for field in ("token_idx_A", "expert_idx_A", "weight_A", "logits_TE", "probs_TE"):
+        assert torch.equal(getattr(want, field), getattr(got, field)), field
+    assert torch.equal(want_aux, block.aux_loss)  # balancing + z-loss, from the same float32 logits
+    torch.testing.assert_close(z_loss(got.logits_TE), z_loss(want.logits_TE), atol=0, rtol=0)
+    if wrapped:
+        assert block.router.calls == 4
+        bf16 = block.to(torch.bfloat16)  # a bf16 model: the wrapper takes its own dtype, not a float32 input
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert bf16.route(x.to(torch.bfloat16)).logits_TE.dtype == torch.float32
+
+
 # ---------------------------------------------------------------- 7. stats and helpers
 
 

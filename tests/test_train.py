@@ -159,6 +159,82 @@ def test_8bit_adamw_checkpoints_resume_bit_for_bit_and_another_optimizer_is_refu
         train(recipe(tiny_moe, corpus, tmp_path / "b", resume="auto", max_steps=5))
 
 
+def _lrs(out) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in rows(out)}
+
+
+def test_resume_with_a_changed_lr_or_a_longer_run_gets_what_a_fresh_run_gets_at_that_step(tiny_moe, corpus, tmp_path,
+                                                                                         monkeypatch):
+    # The two runs: 6 cosine steps at lr 1e-3, then resume=auto with optim.lr=5e-2 max_steps=10 (the old
+    # base lr was logged: 1.27e-4, 1e-4, while recipe.yaml said 0.05), and resume=auto max_steps=10 alone (step 7
+    # got the old run's last lr, 1e-4, where a fresh 10-step run has 3.25e-4).
+    import yaml
+
+    from upcycle.train import trainer as trainer_mod
+    from upcycle.train.optim import lr_factor
+
+    kw = dict(optim__lr=1e-3, optim__router_lr=None, optim__weight_decay=0.1, schedule__warmup_steps=0,
+              schedule__min_lr_ratio=0.1)
+    for name, new in (("longer", dict(max_steps=10)),
+                      ("lr", dict(max_steps=10, optim__lr=5e-2, optim__weight_decay=0.01))):
+        out = tmp_path / name
+        train(recipe(tiny_moe, corpus, out, max_steps=6, **kw))
+        seen = []
+        run = trainer_mod.Trainer.run
+        monkeypatch.setattr(trainer_mod.Trainer, "run", lambda self: (seen.append(self), run(self))[1])
+        cfg = recipe(tiny_moe, corpus, out, resume="auto", **{**kw, **new})
+        train(cfg)
+        monkeypatch.undo()
+        peak = cfg.optim.lr
+        fresh = {s: peak * lr_factor(s - 1, 10, cfg.schedule) for s in range(7, 11)}
+        got = _lrs(out)
+        assert [got[s] for s in range(7, 11)] == [fresh[s] for s in range(7, 11)], (got, fresh)
+        if name == "longer":
+            assert got[7] == pytest.approx(3.25e-4, rel=1e-12)  # the fresh-run figure
+        # What ran is what recipe.yaml says, and the run's log says what changed from which step.
+        written = yaml.safe_load((out / "recipe.yaml").read_text())
+        assert (written["optim"]["lr"], written["max_steps"]) == (peak, 10)
+        changed = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["type"] == "resume"]
+        assert changed == [{"type": "resume", "step": 6, "changed": {
+            "max_steps": [6, 10], **({"optim.lr": [1e-3, 5e-2], "optim.weight_decay": [0.1, 0.01]} if name == "lr"
+                                     else {})}}]
+        groups = seen[0].optimizer.param_groups
+        assert {g["weight_decay"] for g in groups if not g["name"].endswith("no_decay")} == {cfg.optim.weight_decay}
+        assert all(g["initial_lr"] == peak for g in groups)
+    # A resume that would end before its checkpoint's step is refused in one line, and so is a changed training set.
+    with pytest.raises(UpcycleError, match=r"^cannot resume from .*step-000010: it is at step 10, and the recipe ends "
+                                           r"at step 8 "):
+        train(recipe(tiny_moe, corpus, tmp_path / "lr", resume="auto", max_steps=8, **kw))
+
+
+def test_resume_refuses_a_training_set_that_changed(tiny_moe, corpus, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text((corpus / "train.txt").read_text())
+    kw = dict(max_steps=2, data__train=str(text))
+    train(recipe(tiny_moe, corpus, tmp_path / "run", **kw))
+    text.write_text((corpus / "train.txt").read_text()[: -200])  # edited between the runs: same recipe, other data
+    with pytest.raises(UpcycleError, match=r"^cannot resume from .*step-000002: the training set is not the one it "
+                                           r"trained on \(documents 1, tokens \d+, sequences \d+ then, .* now"):
+        train(recipe(tiny_moe, corpus, tmp_path / "run", resume="auto", **{**kw, "max_steps": 4}))
+
+
+def test_a_single_text_file_is_evaluated_on_its_tail_or_the_run_says_it_will_not_be(tiny_moe, corpus, tmp_path):
+    # One .txt file is one document, and 2% of one document is no document: eval_every never evaluated and the
+    # run ended with final_eval null, saying nothing. Its last 2% by position is held out now.
+    s = train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=4, eval_every=2, data__eval=None))
+    assert [r["step"] for r in rows(tmp_path / "run", "eval")] == [2, 4] and s["final_eval"]["eval_tokens"] > 0
+    report = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert report["eval"]["source"].endswith("(its last 0.02 by position: a single document)")
+    train_text, full = report["train"]["tokens"] + report["eval"]["tokens"], len((corpus / "train.txt").read_text())
+    assert train_text >= full  # every character in one split or the other (plus an EOS each)
+    # Too short to hold anything out: said at the start.
+    with pytest.warns(UserWarning, match=r"^no held-out data: data.train .* leaves nothing to hold out at "
+                                         r"eval_fraction 1e-05; no evaluation will run \(every 2 steps nor at the end\)"):
+        s = train(recipe(tiny_moe, corpus, tmp_path / "none", max_steps=2, eval_every=2, data__eval=None,
+                         data__eval_fraction=1e-5))
+    assert s["final_eval"] is None
+
+
 def test_out_dir_holding_a_run_is_refused(tiny_moe, corpus, tmp_path):
     train(recipe(tiny_moe, corpus, tmp_path / "run", max_steps=1))
     with pytest.raises(UpcycleError, match="holds a run already"):

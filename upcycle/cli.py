@@ -203,14 +203,19 @@ def _eval(a) -> None:
         if value is not None and value < least:
             raise UpcycleError(f"{flag} must be at least {least}, got {value}")
     text = read_text(a.text)
+    if not text.strip():  # train refuses it too: the perplexity of whitespace is no measure of a model
+        raise UpcycleError(f"{a.text} is empty: no text to evaluate")
     models = [a.path]
     if a.baseline == "@source":
+        from upcycle.models.recorded import reopen_source
         from upcycle.models.upcycled import describe
 
         info = describe(a.path)
         if not info["upcycled"]:
             raise UpcycleError("--baseline without a value needs an upcycled checkpoint (it evaluates its source)")
-        models.insert(0, info["source"])
+        # The recorded source, found and checked by its fingerprint: never another model of the same name.
+        models.insert(0, reopen_source(info["source"], info["source_fingerprint"], what=f"the dense source of {a.path}",
+                                       near=a.path, hint="; name the model to compare with: --baseline PATH"))
     elif a.baseline:
         models.insert(0, a.baseline)
     results = []
@@ -274,13 +279,14 @@ def _add_merge(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--base", default=None, help="base checkpoint (default: the one the adapter records)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_merge)
 
 
 def _merge(a) -> None:
     from upcycle.adapters import merge_command
 
-    r = merge_command(a.adapter, a.out, base=a.base)
+    r = merge_command(a.adapter, a.out, base=a.base, progress=not a.no_progress)
     if a.json:
         print(json.dumps(r))
         return

@@ -28,6 +28,16 @@ def read_text(path: str) -> str:
         raise UpcycleError(f"{path} is not UTF-8 text") from None
 
 
+def check_token_ids(model, max_id: int, what: str) -> None:
+    """UpcycleError when token ids up to ``max_id`` do not fit ``model``'s embeddings: its tokenizer is not the
+    model's (else an IndexError deep inside the embedding). ``what`` names the text ("the text of FILE, as the
+    tokenizer encodes it,")."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max_id >= rows:
+        raise UpcycleError(f"{what} has token id {max_id}, beyond the model's vocabulary ({rows} embeddings): the "
+                           "tokenizer does not belong to this model")
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_len: int = 512,
                batch_size: int = 4, progress: bool = True) -> dict:
@@ -47,9 +57,12 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
         raise UpcycleError(f"--max-tokens must be at least 2, got {max_tokens}")
     if max_tokens is not None:
         text = text[: max_tokens * 16]  # tokenising a whole corpus to keep a prefix is wasted work
+    if not text.strip():  # as train refuses it: whitespace has a perplexity, but not one worth reporting
+        raise UpcycleError("the text is empty (nothing but whitespace)")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise UpcycleError("the text has fewer than 2 tokens")
+    check_token_ids(model, max(ids), "the text, as the tokenizer encodes it,")
     windows = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)]
     windows = [w for w in windows if len(w) >= 2]
     full = [w for w in windows if len(w) == seq_len]
@@ -107,6 +120,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     if input_ids.shape[1] == 0:
         raise UpcycleError("the prompt encodes to no tokens")
+    check_token_ids(model, int(input_ids.max()), "the prompt, as the tokenizer encodes it,")
     input_ids = input_ids.to(next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(

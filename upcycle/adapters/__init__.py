@@ -32,6 +32,7 @@ from upcycle.adapters.qlora import (
 from upcycle.adapters.shared import SharedStackedExperts, share_experts, shared_base_report, unshare_experts
 from upcycle.adapters.merge import merge_command
 from upcycle.adapters.peft_io import (
+    adapter_base,
     adapter_state_dict,
     base_fingerprint,
     check_base,
@@ -60,6 +61,7 @@ __all__ = [
     "LoraConfig",
     "LoraExperts",
     "LoraLinear",
+    "adapter_base",
     "adapter_state_dict",
     "apply_lora",
     "base_fingerprint",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from upcycle.adapters.config import check_rank
 from upcycle.errors import UpcycleError
-from upcycle.moe.compute import LowRank
+from upcycle.moe.compute import LowRank, autocast_off
 from upcycle.moe.experts import ExpertsBase
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -81,8 +81,9 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
     def delta_weight(self) -> Tensor:
-        """``B A * scaling`` [D_out, D_in], in the adapter dtype."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """``B A * scaling`` [D_out, D_in], in the adapter dtype (even under autocast, which would run it in bf16)."""
+        with autocast_off(self.lora_A.weight.device.type):
+            return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def _base_weight(self) -> Tensor:
         w = getattr(self.base_layer, "weight", None)
@@ -219,9 +220,11 @@ class LoraExperts(nn.Module):
 
     def delta_weights(self) -> tuple[Tensor, Tensor]:
         """``(B_in A_in, B_down A_down) * scaling`` of the adapted experts: [k, M, D] and [k, D, F]
-        (k = E unless ``keep_experts``; rows in ``expert_ids`` order), adapter dtype (merge only)."""
-        return (torch.bmm(self.lora_B_in, self.lora_A_in) * self.scaling,
-                torch.bmm(self.lora_B_down, self.lora_A_down) * self.scaling)
+        (k = E unless ``keep_experts``; rows in ``expert_ids`` order), adapter dtype (merge only; even under
+        autocast, which would run the products in bf16)."""
+        with autocast_off(self.lora_A_in.device.type):
+            return (torch.bmm(self.lora_B_in, self.lora_A_in) * self.scaling,
+                    torch.bmm(self.lora_B_down, self.lora_A_down) * self.scaling)
 
     def _apply_delta(self, sign: float) -> None:
         b = self.base_layer

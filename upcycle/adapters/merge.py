@@ -5,54 +5,80 @@ no LoRA: the trained experts only), whose experts are written back into the base
 
     merge_command("runs/sft-adapter", "runs/sft-merged")
 
-The base is the adapter's recorded ``base_model_name_or_path`` unless ``base`` is given; its
-fingerprint must match the adapter's record. An upcycled base gives an upcycled checkpoint
-(``upcycle.load`` / ``AutoModelForCausalLM`` after ``import upcycle``), a dense one a plain
-transformers checkpoint. Written to a temporary directory beside ``out`` and renamed into
-place when complete; an existing ``out`` is refused, never overwritten.
+The base is the adapter's recorded ``base_model_name_or_path`` unless ``base`` is given; either
+must have the fingerprint the adapter recorded (``upcycle.models.recorded``: a base moved away
+or replaced is one line naming the record and what was found). An upcycled base gives an
+upcycled checkpoint (``upcycle.load`` / ``AutoModelForCausalLM`` after ``import upcycle``), a
+dense one a plain transformers checkpoint. Written to a temporary directory beside ``out`` and
+renamed into place when complete; an existing ``out`` is refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import os
 
+from tqdm.auto import tqdm
+
 from upcycle.adapters.inject import lora_modules, merge_and_unload
-from upcycle.adapters.peft_io import check_base, load_adapter, read_adapter_config
+from upcycle.adapters.peft_io import adapter_base, load_adapter, read_adapter_config
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_dir, is_upcycled_dir
-from upcycle.models.esft import is_esft_dir, load_esft, read_esft_config
+from upcycle.models.esft import esft_base, is_esft_dir, load_esft, read_esft_config
 from upcycle.models.loader import load_model
 from upcycle.models.sources import open_source
 
 
-def merge_command(adapter_dir: str, out: str, base: str | None = None) -> dict:
+def merge_command(adapter_dir: str, out: str, base: str | None = None, progress: bool = False) -> dict:
     """Merge the adapter in ``adapter_dir`` into its base and write the result to ``out``.
 
     Returns a summary: ``out``, ``base``, ``upcycled`` (whether the result has MoE layers) and
-    ``merged_modules`` (how many wrapped modules were folded in).
+    ``merged_modules`` (how many wrapped modules were folded in). ``progress``: a bar over the
+    stages (loading the base, merging, writing), as ``upcycle merge`` shows, once the base is
+    found and checked (a wrong one is a single line, with no bar before it).
     """
     out = os.path.normpath(out)
     exists = f"{out} already exists; merge never overwrites: choose another --out"
     if os.path.exists(out):
         raise UpcycleError(exists)
     if is_esft_dir(adapter_dir):
-        return _merge_esft(adapter_dir, out, base, exists)
+        return _merge_esft(adapter_dir, out, base, exists, progress)
     raw = read_adapter_config(adapter_dir)
-    base = base or raw.get("base_model_name_or_path")
-    if not base:
-        raise UpcycleError(f"adapter {adapter_dir} does not record its base model: pass --base")
-    if not os.path.exists(base):
-        try:
-            open_source(base).close()  # an alias or hub id is fine; anything else is a clear error
-        except UpcycleError as e:
-            raise UpcycleError(f"base model of adapter {adapter_dir} not found ({e}); pass --base") from None
-    check_base(adapter_dir, raw, base)  # before loading anything big
-    model = load_model(base)
-    load_adapter(model, adapter_dir, base_path=base, verify_base=False)
-    n = len(lora_modules(model))
-    merge_and_unload(model)
-    _write(model, base, out, exists)
+    # Found and checked before anything big is loaded.
+    # (Also reached from `upcycle export ADAPTER`, which has no --base: the hint names merge.)
+    base = adapter_base(adapter_dir, raw, base, hint=f"; give the right one: upcycle merge {adapter_dir} --base BASE "
+                                                    "--out DIR")
+    with _Stages(progress) as stage:
+        stage("loading the base")
+        model = load_model(base)
+        load_adapter(model, adapter_dir, base_path=base, verify_base=False)
+        stage("merging")
+        n = len(lora_modules(model))
+        merge_and_unload(model)
+        stage("writing")
+        _write(model, base, out, exists)
     return {"out": out, "base": base, "upcycled": is_upcycled_dir(out), "merged_modules": n}
+
+
+class _Stages:
+    """A progress bar over merge's three stages; ``stage(name)`` starts the next one."""
+
+    def __init__(self, progress: bool):
+        self.bar = tqdm(total=3, desc="merging", unit="stage", disable=not progress)
+        self.started = False
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.bar.update()
+        self.bar.close()
 
 
 def _write(model, base: str, out: str, exists: str) -> None:
@@ -64,12 +90,16 @@ def _write(model, base: str, out: str, exists: str) -> None:
                 src.generation_config().save_pretrained(tmp)
 
 
-def _merge_esft(path: str, out: str, base: str | None, exists: str) -> dict:
+def _merge_esft(path: str, out: str, base: str | None, exists: str, progress: bool) -> dict:
     """An ESFT checkpoint (trained experts and modules only) written back into its base."""
     raw = read_esft_config(path)
-    base = base or raw.get("base_model_name_or_path")
-    model = load_esft(path, base=base)  # a one-line error for a missing base; checks the fingerprint first
-    _write(model, base, out, exists)
+    base = esft_base(path, raw, base)  # a one-line error for a missing, moved or changed base
+    with _Stages(progress) as stage:
+        stage("loading the base")
+        model = load_esft(path, base=base, verify_base=False)
+        stage("merging")  # the trained experts are written in as the base loads
+        stage("writing")
+        _write(model, base, out, exists)
     n = sum(len(ids) for ids in raw["experts_subset"].values())
     return {"out": out, "base": base, "upcycled": is_upcycled_dir(out), "merged_modules": len(raw["experts_subset"]),
             "merged_experts": n}

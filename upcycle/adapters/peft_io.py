@@ -40,6 +40,7 @@ from upcycle.adapters.inject import CONFIG_ATTR, apply_lora, lora_modules, unloa
 from upcycle.adapters.lora import LoraExperts
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
+from upcycle.models.recorded import check_fingerprint, record_source, reopen_source
 from upcycle.models.sources import base_fingerprint
 from upcycle.moe.block import MoEBlock
 from upcycle.version import __version__
@@ -125,9 +126,13 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
         layout = {"modules": list(experts), "num_experts": first.num_experts, "hidden_size": first.hidden_size,
                   "ffn_size": first.ffn_size, "gated": first.gated, "layout": "peft-target_parameters"}
     subset = {n: m.expert_ids for n, m in experts.items() if m.expert_ids is not None}
+    # PEFT's expert wrapper (lora.ParamWrapper) refuses any lora_dropout (it cannot drop out inside a weight
+    # parametrisation), and the setting is one for all targets: with expert adapters PEFT reads 0 (dropout acts
+    # in training only, so loading for inference is exact) and ours reads the trained value from our section.
+    peft_dropout = 0.0 if target_parameters else cfg.dropout
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": None,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": peft_dropout, "use_rslora": cfg.use_rslora,
         "target_modules": targets, "target_parameters": target_parameters, "exclude_modules": None,
         "modules_to_save": ["router"] if cfg.train_router else None, "bias": "none", "lora_bias": False,
         "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "inference_mode": True,
@@ -135,7 +140,7 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
         "upcycle": {
             "format_version": FORMAT_VERSION, "upcycle_version": __version__, "base_fingerprint": fingerprint,
             "target_modules": cfg.target_modules, "linear_modules": linears, "experts": layout,
-            "train_router": cfg.train_router,
+            "train_router": cfg.train_router, "lora_dropout": cfg.dropout,
             # Expert-specialised fine-tuning: per experts module, the experts that have an adapter (the
             # tensors hold their rows only, in this order). PEFT cannot load such an adapter.
             "experts_subset": subset or None,
@@ -156,8 +161,7 @@ def save_adapter(model, out_dir: str, base_path: str | None = None, *, fingerpri
         raise UpcycleError("cannot tell which checkpoint the model was loaded from: pass base_path")
     if any(m.merged for m in lora_modules(model).values()):
         raise UpcycleError("the adapter is merged into the base weights: unmerge_lora(model) before saving it")
-    where = os.path.abspath(base) if os.path.exists(base) else base
-    config = _peft_config(model, cfg, where, fingerprint or base_fingerprint(base))
+    config = _peft_config(model, cfg, record_source(base), fingerprint or base_fingerprint(base))
     tensors = adapter_state_dict(model)
     os.makedirs(out_dir, exist_ok=True)
     # Each file written aside and renamed: an interrupted save leaves the old adapter whole.
@@ -190,13 +194,14 @@ def lora_config_from_peft(raw: dict) -> LoraConfig:
         raise UpcycleError(f"adapter modules_to_save={mts} is not supported (only 'router')")
     ext = raw.get("upcycle") or {}
     targets = ext.get("target_modules", raw.get("target_modules") or [])
-    return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+    dropout = ext.get("lora_dropout", raw.get("lora_dropout", 0.0))  # ours: the trained value (see _peft_config)
+    return LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=dropout,
                       use_rslora=bool(raw.get("use_rslora", False)), target_modules=targets,
                       experts=bool(ext["experts"]) if "experts" in ext else bool(raw.get("target_parameters")),
                       train_router=bool(ext.get("train_router", "router" in mts)))
 
 
-def check_base(adapter_dir: str, raw: dict, base: str | None) -> None:
+def check_base(adapter_dir: str, raw: dict, base: str | None, hint: str = "") -> None:
     """UpcycleError if the adapter records a base fingerprint that ``base`` does not have."""
     want = (raw.get("upcycle") or {}).get("base_fingerprint")
     if not want:
@@ -205,10 +210,21 @@ def check_base(adapter_dir: str, raw: dict, base: str | None) -> None:
         warnings.warn(f"cannot check the base of adapter {adapter_dir}: the model's checkpoint path is unknown "
                       "(pass base_path)", stacklevel=3)
         return
-    have = base_fingerprint(base)
-    if have != want:
-        raise UpcycleError(f"adapter {adapter_dir} was trained on a base with fingerprint {want}, "
-                           f"but {base} has {have}")
+    check_fingerprint(base, want, what=f"the base of adapter {adapter_dir}",
+                      recorded=raw.get("base_model_name_or_path"), hint=hint)
+
+
+def adapter_base(adapter_dir: str, raw: dict, base: str | None = None, hint: str = "") -> str:
+    """The base of the adapter in ``adapter_dir`` (``raw``: its config), checked against its recorded
+    fingerprint: ``base`` if given, else the recorded ``base_model_name_or_path`` (``models.recorded``)."""
+    if base:
+        check_base(adapter_dir, raw, base, hint)
+        return base
+    recorded = raw.get("base_model_name_or_path")
+    if not recorded:
+        raise UpcycleError(f"adapter {adapter_dir} does not record its base model{hint}")
+    return reopen_source(recorded, (raw.get("upcycle") or {}).get("base_fingerprint"),
+                         what=f"the base of adapter {adapter_dir}", near=adapter_dir, hint=hint)
 
 
 def load_adapter(model, adapter_dir: str, base_path: str | None = None, *, verify_base: bool = True):
@@ -309,7 +325,7 @@ def describe_adapter(adapter_dir: str) -> dict:
     experts = ext.get("experts") or {}
     return {
         "path": adapter_dir, "kind": "LoRA adapter", "r": raw["r"], "alpha": raw["lora_alpha"],
-        "dropout": raw.get("lora_dropout", 0.0), "use_rslora": raw.get("use_rslora", False),
+        "dropout": ext.get("lora_dropout", raw.get("lora_dropout", 0.0)), "use_rslora": raw.get("use_rslora", False),
         "target_modules": raw.get("target_modules"), "target_parameters": raw.get("target_parameters"),
         "linear_modules": len(ext.get("linear_modules") or []), "expert_layers": len(experts.get("modules") or []),
         "train_router": "router" in (raw.get("modules_to_save") or []), "adapter_params": params,

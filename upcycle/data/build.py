@@ -34,17 +34,45 @@ def _n_eval(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(n * fraction))) if n >= 2 and fraction > 0 else 0
 
 
-def _split_documents(docs: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Seeded split by whole document (a sequence never mixes train and eval text)."""
+def _split_documents(docs: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None, str]:
+    """Seeded split by whole document (a sequence never mixes train and eval text); a single document
+    is split by position (``_split_by_position``). Returns (train, eval or None, how)."""
+    if len(docs) == 1 and fraction > 0:
+        return _split_by_position(docs, fraction)
+    how = f"{fraction:g} of the documents, seed {seed}"
     n_eval = _n_eval(len(docs), fraction)
     if not n_eval:
-        return docs, None
+        return docs, None, how
     held = set(np.random.default_rng(seed).permutation(len(docs))[:n_eval].tolist())
     return (docs.select([i for i in range(len(docs)) if i not in held]),
-            docs.select([i for i in range(len(docs)) if i in held]))
+            docs.select([i for i in range(len(docs)) if i in held]), how)
 
 
-def _split_pool(pool: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict] | None]:
+def _split_by_position(docs: Dataset, fraction: float) -> tuple[Dataset, Dataset | None, str]:
+    """One document (a single .txt file): its last ``fraction`` of the characters held out, from a line break.
+
+    A whole-document split cannot hold out a fraction of one document, so every single-file run
+    would evaluate nothing (``eval_every`` silently idle). The tail, rather than seeded random
+    spans: one cut leaves the held-out text contiguous and unseen (random spans would leave a
+    boundary with the training text at each one, and packing would glue their neighbours into
+    the same sequences); it is the usual split of a single corpus file (nanoGPT's Shakespeare:
+    the last 10% for validation). Starting at a line break keeps a line from being split.
+    """
+    from datasets import Dataset
+
+    text = docs[0]["text"] or ""
+    cut = len(text) - round(len(text) * fraction)
+    line = text.find("\n", cut)
+    if line != -1:
+        cut = line + 1
+    head, tail = text[:cut], text[cut:]
+    how = f"its last {fraction:g} by position: a single document"
+    if not head.strip() or not tail.strip():
+        return docs, None, how
+    return Dataset.from_dict({"text": [head]}), Dataset.from_dict({"text": [tail]}), how
+
+
+def _split_pool(pool: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict] | None, str]:
     """Seeded split by normalised prompt: a held-out prompt never appears in train.
 
     Eval takes one example per held-out prompt (the pool repeats some prompts a hundred
@@ -55,10 +83,11 @@ def _split_pool(pool: list[dict], fraction: float, seed: int) -> tuple[list[dict
         groups.setdefault(normalise(prompt_text(ex["messages"])), []).append(i)
     members = list(groups.values())
     held = np.random.default_rng(seed).permutation(len(members))[: _n_eval(len(members), fraction)]
+    how = f"{fraction:g} of the prompts, seed {seed}"
     if not len(held):
-        return pool, None
+        return pool, None, how
     out = {i for k in held for i in members[k]}
-    return [ex for i, ex in enumerate(pool) if i not in out], [pool[members[k][0]] for k in sorted(held)]
+    return [ex for i, ex in enumerate(pool) if i not in out], [pool[members[k][0]] for k in sorted(held)], how
 
 
 def _subset(n_rows: int, limit: int | None, seed: int) -> list[int] | None:
@@ -79,8 +108,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int = 0, num_proc: int |
 
     Eval: ``cfg.eval`` if set (its held-out split if it has one, else all of it), else the train
     source's held-out split (shakespeare's held-out plays, a hub dataset's validation/test
-    split), else a seeded ``cfg.eval_fraction`` of the train
-    documents (text) or prompts (chat), else None. Chat curation applies to the train pool only,
+    split), else a seeded ``cfg.eval_fraction`` of the train documents (text; a single document:
+    its last ``eval_fraction`` by position) or prompts (chat), else None. Chat curation applies to the train pool only,
     after the eval split. ``num_proc`` parallelises tokenisation (``Dataset.map``).
     """
     cfg.validate()
@@ -98,7 +127,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int = 0, num_proc: int |
     return train, eval_, report
 
 
-def _train_and_eval(cfg: DataConfig, load, split, unit: str, seed: int):
+def _train_and_eval(cfg: DataConfig, load, split, seed: int):
     """(train, eval or None, eval's description) from ``load(spec, cfg) -> (all, held-out or None)``,
     by the eval rule of ``build_datasets``; ``split`` carves eval out of train when nothing else gives one."""
     train, heldout = load(cfg.train, cfg)
@@ -110,12 +139,12 @@ def _train_and_eval(cfg: DataConfig, load, split, unit: str, seed: int):
         return train, ev, source
     if heldout:
         return train, heldout, f"{cfg.train} (held-out split)"
-    train, ev = split(train, cfg.eval_fraction, seed)
-    return train, ev, f"{cfg.train} ({cfg.eval_fraction:g} of the {unit}, seed {seed})"
+    train, ev, how = split(train, cfg.eval_fraction, seed)
+    return train, ev, f"{cfg.train} ({how})"
 
 
 def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
-    docs, eval_docs, eval_source = _train_and_eval(cfg, load_text, _split_documents, "documents", seed)
+    docs, eval_docs, eval_source = _train_and_eval(cfg, load_text, _split_documents, seed)
     train, train_stats = pack_documents(docs, tokenizer, cfg.seq_len, num_proc=num_proc, source=f"data.train {cfg.train}")
     keep = _subset(len(train), cfg.max_train_examples, seed)
     if keep is not None:
@@ -131,7 +160,7 @@ def _build_text(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
 
 
 def _build_chat(cfg: DataConfig, tokenizer, seed: int, num_proc: int | None):
-    pool, eval_pool, eval_source = _train_and_eval(cfg, load_chat, _split_pool, "prompts", seed)
+    pool, eval_pool, eval_source = _train_and_eval(cfg, load_chat, _split_pool, seed)
     report: dict = {}  # the curation report goes last
     if cfg.curate is not None:
         pool, report["curation"] = curate(pool, cfg.curate, seed)

@@ -80,7 +80,8 @@ class DataConfig:
     """Same forms as ``train``; a source with a held-out split (shakespeare: hamlet, macbeth,
     twelfth night; a hub dataset's validation/test split) gives that split. None: the train
     source's held-out split if it has one, else a seeded ``eval_fraction`` of the train
-    documents (text) or prompts (chat)."""
+    documents (text; a single document, e.g. one .txt file: its last ``eval_fraction``, by
+    position) or prompts (chat)."""
     eval_fraction: float = 0.02
     """Fraction held out for evaluation when ``eval`` is None and the source has no split; 0: no eval."""
     seq_len: int = 512

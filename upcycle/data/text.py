@@ -64,6 +64,22 @@ def pack_documents(docs: Dataset, tokenizer, seq_len: int, *, num_proc: int | No
     return packed, {"documents": len(docs), "tokens": int(len(flat)), "sequences": len(packed)}
 
 
+def count_targets(ds: Dataset) -> list[int]:
+    """Per row of a tokenised dataset, the tokens it trains on: labels after the causal shift that are not -100."""
+    labels = ds.with_format("numpy")["labels"]
+    return [int(np.count_nonzero(np.asarray(row)[1:] != IGNORE_INDEX)) for row in labels]
+
+
+def max_token_id(ds: Dataset) -> int:
+    """The largest ``input_ids`` value of a tokenised dataset (what must fit the model's embeddings)."""
+    table = getattr(ds, "data", None)
+    if hasattr(table, "column"):  # a datasets.Dataset: one pass over its Arrow column
+        import pyarrow.compute as pc
+
+        return int(pc.max(pc.list_flatten(table.column("input_ids"))).as_py() or 0)
+    return max((max(ds[i]["input_ids"], default=0) for i in range(len(ds))), default=0)  # rows of another kind
+
+
 def collate(examples: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a list of ``{"input_ids", "labels"}`` rows into a batch.
 

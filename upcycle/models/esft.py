@@ -14,8 +14,9 @@ A directory with
   rows in ``experts_subset`` order), a router or attention weight (if trained) is whole;
 * the tokenizer files.
 
-Loading reads the base (it must have the recorded fingerprint), then writes those rows and
-tensors into it: every frozen expert is the base's, bit for bit.
+Loading reads the base (the recorded one, or one given; either must have the recorded
+fingerprint: ``upcycle.models.recorded``), then writes those rows and tensors into it: every
+frozen expert is the base's, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
+from upcycle.models.recorded import check_fingerprint, record_source, reopen_source
 from upcycle.models.sources import base_fingerprint
 from upcycle.models.upcycled import load_upcycled
 from upcycle.moe.experts import StackedExperts
@@ -57,9 +59,9 @@ def esft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_esft(model: nn.Module, out_dir: str, *, base_path: str, fingerprint: str | None, subset: dict,
               settings: dict) -> str:
     """Write ``esft_config.json`` + ``esft_model.safetensors`` into ``out_dir`` (see the module docstring)."""
-    where = os.path.abspath(base_path) if os.path.exists(base_path) else base_path
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "upcycle_version": __version__,
-              "base_model_name_or_path": where, "base_fingerprint": fingerprint or base_fingerprint(base_path),
+              "base_model_name_or_path": record_source(base_path),
+              "base_fingerprint": fingerprint or base_fingerprint(base_path),
               "experts_subset": subset, "settings": settings}
     os.makedirs(out_dir, exist_ok=True)
     with atomic_path(os.path.join(out_dir, ESFT_WEIGHTS)) as tmp:
@@ -75,12 +77,17 @@ def read_esft_config(path: str) -> dict:
     return raw
 
 
-def check_esft_base(path: str, raw: dict, base: str, fingerprint: str | None = None) -> None:
-    want = raw.get("base_fingerprint")
-    have = fingerprint or base_fingerprint(base)
-    if want and have != want:
-        raise UpcycleError(f"ESFT checkpoint {path} was trained on a base with fingerprint {want}, "
-                           f"but {base} has {have}")
+def esft_base(path: str, raw: dict, base: str | None = None) -> str:
+    """The base of ESFT checkpoint ``path`` (``raw``: its config), checked against the recorded fingerprint:
+    ``base`` if given, else the recorded one (``models.recorded``); one-line UpcycleError otherwise."""
+    what = f"the base of ESFT checkpoint {path}"
+    hint = f"; give the right one: upcycle merge {path} --base BASE --out DIR"
+    if base:
+        check_fingerprint(base, raw.get("base_fingerprint"), what=what, recorded=raw.get("base_model_name_or_path"))
+        return base
+    if not raw.get("base_model_name_or_path"):
+        raise UpcycleError(f"ESFT checkpoint {path} does not record its base{hint}")
+    return reopen_source(raw["base_model_name_or_path"], raw.get("base_fingerprint"), what=what, near=path, hint=hint)
 
 
 def load_esft_tensors(model: nn.Module, path: str, subset: dict) -> None:
@@ -127,15 +134,14 @@ def _check_shape(key: str, value: torch.Tensor, shape) -> None:
         raise UpcycleError(f"ESFT tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
 
 
-def load_esft(path: str, base: str | None = None, experts_backend: str = "auto", dtype=None, device=None):
+def load_esft(path: str, base: str | None = None, experts_backend: str = "auto", dtype=None, device=None, *,
+              verify_base: bool = True):
     """The base model with the ESFT checkpoint ``path`` written into it (eval mode): what ``upcycle.load``
-    returns for such a directory. ``base``: where the base is (default: the recorded path)."""
+    returns for such a directory. ``base``: where the base is (default: the recorded path), checked against
+    the recorded fingerprint (``verify_base=False``: the caller did, with ``esft_base``)."""
     raw = read_esft_config(path)
-    base = base or raw.get("base_model_name_or_path")
-    if not base or not os.path.exists(base):
-        raise UpcycleError(f"the base of ESFT checkpoint {path} ({base}) is not found; give it: upcycle merge "
-                           f"{path} --base BASE --out DIR")
-    check_esft_base(path, raw, base)
+    if verify_base or not base:
+        base = esft_base(path, raw, base)
     model = load_upcycled(base, experts_backend=experts_backend, dtype=dtype, device=device)
     load_esft_tensors(model, path, raw["experts_subset"])
     return model

@@ -91,7 +91,31 @@ def describe(path: str) -> dict:
             info.update(_describe_moe(up, shapes, total))
         except (KeyError, TypeError, ValueError, UpcycleError) as e:
             raise UpcycleError(f"{path}/config.json has a malformed 'upcycle' section ({type(e).__name__}: {e})") from None
+    else:
+        info.update(_describe_stock_moe(raw, shapes, total))
     return info
+
+
+# Where stock MoE configs keep the routed expert count (Qwen2/3-MoE, OLMoE: num_experts; Mixtral, GraniteMoE:
+# num_local_experts; DeepSeek-V2/V3: n_routed_experts); every one of them names the top-K num_experts_per_tok.
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _describe_stock_moe(raw: dict, shapes: dict, total: int) -> dict:
+    """Active parameters per token of a stock MoE checkpoint (an export of ours, Qwen2-MoE, Mixtral...), from
+    its routing config: of each routed expert tensor (``.experts.`` in its name, stacked [E, ...] or one per
+    expert) K/E is active; everything else (attention, dense layers, shared experts, routers) always is."""
+    text = raw.get("text_config")
+    cfg = text if isinstance(text, dict) and "num_experts_per_tok" in text else raw  # a vision-language model's LM
+    E = next((cfg[k] for k in _EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0), None)
+    K = cfg.get("num_experts_per_tok")
+    if E is None or not isinstance(K, int) or not 0 < K <= E:
+        return {}
+    routed = sum(math.prod(shape) for k, (shape, _) in shapes.items() if ".experts." in k)
+    if not routed:  # experts stored under names we do not know: no number rather than a wrong one
+        return {"active_params_per_token": None, "num_experts": E, "experts_per_token": K}
+    return {"active_params_per_token": int(round(total - routed * (E - K) / E)), "num_experts": E,
+            "experts_per_token": K}
 
 
 def _describe_moe(up: dict, shapes: dict, total: int) -> dict:

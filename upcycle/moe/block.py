@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from upcycle.config import MoEConfig
 from upcycle.errors import UpcycleError
 from upcycle.moe.backends import check_backend_name
+from upcycle.moe.compute import autocast_off
 from upcycle.moe.experts import StackedExperts
 from upcycle.moe.routing import Routing
 from upcycle.moe.schemes import routing_scheme
@@ -87,12 +88,19 @@ class MoEBlock(nn.Module):
         return f"{self.scheme!r}, num_experts={self.cfg.num_experts}"
 
     def router_logits(self, x_BSD: Tensor) -> Tensor:
-        """float32 [B, S, E] router logits of a [B, S, D] input."""
-        if type(self.router) is nn.Linear:
-            # Route in float32 whatever the model dtype: near-ties between experts decide top-K.
-            return F.linear(x_BSD.float(), self.router.weight.float())
-        # Wrapped by PEFT or a quantiser: its own forward must run for the wrapper to count.
-        return self.router(x_BSD).float()
+        """float32 [B, S, E] router logits of a [B, S, D] input, whatever autocast says.
+
+        Near-ties between experts decide top-K, so routing is computed in float32 in every
+        model dtype. Autocast would undo the float32 casts (it runs ``linear`` in bf16 on its
+        own: 0.6% of tokens then pick another top-2 set, docs/benchmarks.md), so it is off here.
+        """
+        with autocast_off(x_BSD.device.type):
+            if type(self.router) is nn.Linear:
+                return F.linear(x_BSD.float(), self.router.weight.float())
+            # Wrapped by PEFT or a quantiser: its own forward must run for the wrapper to count. It
+            # gets float32 unless its weights are in another float dtype (a bf16 model: they would
+            # refuse a float32 input); quantised weights (uint8 / int8) cast the input themselves.
+            return self.router(x_BSD.to(_wrapped_input_dtype(self.router))).float()
 
     def _mask_for(self, x_BSD: Tensor, token_mask: Tensor | None) -> Tensor | None:
         mask = token_mask if token_mask is not None else self.token_mask
@@ -127,6 +135,12 @@ class MoEBlock(nn.Module):
         self._last_stats = None
         self._stats_summary = summarize_routing(r) if self.record_stats else None
         return y_TD.view(shape)
+
+
+def _wrapped_input_dtype(router: nn.Module) -> torch.dtype:
+    """The input dtype a wrapped router takes: float32, unless its float weights are all of another dtype."""
+    dtypes = {p.dtype for p in router.parameters() if p.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
 
 
 # ---------------------------------------------------------------- over every block of a model

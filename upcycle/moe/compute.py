@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,13 @@ def experts_forward(x_TD: Tensor, token_idx_A: Tensor, expert_idx_A: Tensor, wei
 
     run = {"loop": _forward_loop, "grouped_mm": _forward_grouped_mm}[backend]
     return run(x_TD, token_idx_A, expert_idx_A, weight_A, weights, activate, lowrank)
+
+
+def autocast_off(device_type: str):
+    """A context where autocast does not run (a no-op when it is not on for ``device_type``): for the
+    few computations that must stay in the dtype their inputs were cast to (the router's float32,
+    a LoRA merge's adapter dtype), which autocast would otherwise run in bf16."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def _nf4_weight(w: QuantizedWeight):

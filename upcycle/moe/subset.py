@@ -12,7 +12,8 @@ and the others into a frozen one (``frozen``, [E-k, M, D]); no row is stored twi
 forward splits the assignments between the two and runs the one experts forward
 (``upcycle.moe.compute``) on each, with the expert ids renumbered into each stack:
 ``y = experts_forward(trained part) + experts_forward(frozen part)``, exact because a token's
-output is a sum over its assignments (only the order of that fp32 sum changes). Expert-major
+output is a sum over its assignments (only the order of that fp32 sum changes: the parts hand
+back fp32 sums, rounded to x's dtype once, as the plain experts round). Expert-major
 assignments (expert choice) stay expert-major in each part. Splitting reads the assignment
 count of each part: one host sync per forward on CUDA.
 
@@ -155,15 +156,19 @@ class SubsetExperts(ExpertsBase):
             raise UpcycleError("SubsetExperts trains its chosen experts fully; LoRA on a subset of the experts "
                                "wraps the plain experts (LoraExperts.keep_experts)")
         trained_A = self.trained_E[expert_idx_A]
+        # Each part computes in its weights' dtype as before (the compute casts x to it), but hands
+        # back its float32 sum: rounding each part to a bf16 x's dtype and adding them would round
+        # twice (one bf16 step off in about a fifth of the outputs), where plain experts round once.
+        x32_TD = x_TD.float()
         y_TD = None
         for part, sel_A in ((self.trained, trained_A), (self.frozen, ~trained_A)):
             if part is None:
                 continue
             idx_A = sel_A.nonzero().squeeze(1)  # stable: each part keeps the assignments' order
-            y = part(x_TD, token_idx_A[idx_A], self.slot_E[expert_idx_A[idx_A]], weight_A[idx_A],
+            y = part(x32_TD, token_idx_A[idx_A], self.slot_E[expert_idx_A[idx_A]], weight_A[idx_A],
                      expert_major=expert_major)
             y_TD = y if y_TD is None else y_TD + y
-        return y_TD
+        return y_TD.to(x_TD.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", trained={len(self.expert_ids)}/{self.num_experts}"

@@ -32,6 +32,7 @@ from upcycle.errors import UpcycleError
 from upcycle.io import atomic_dir, remove_stale
 from upcycle.models.base import Source
 from upcycle.modeling import register
+from upcycle.models.recorded import record_source
 from upcycle.models.sources import open_source
 from upcycle.moe.schemes import routing_scheme
 from upcycle.arch import ArchSpec, arch_spec, skeleton
@@ -251,7 +252,8 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
                 "bias": spec.form.bias},
         "init": {"method": init, "expert_noise": cfg.expert_noise, "reinit_ratio": cfg.reinit_ratio,
                  "router_std": cfg.router_std, "seed": cfg.seed},
-        "source": {"model": src.spec, "kind": src.kind, "fingerprint": src.fingerprint},
+        # Absolute (an alias or hub id as given): whatever reopens it checks the fingerprint (models/recorded.py).
+        "source": {"model": record_source(src.spec), "kind": src.kind, "fingerprint": src.fingerprint},
     }
 
 

@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from upcycle.adapters.peft_io import read_adapter_config, save_adapter
 from upcycle.errors import UpcycleError
-from upcycle.io import atomic_dir, remove_stale
+from upcycle.io import atomic_dir, read_json_object, remove_stale
 from upcycle.models.esft import read_esft_config, save_esft
+from upcycle.models.recorded import check_fingerprint
 from upcycle.train.distributed import unwrap
 
 STATE_NAME = "trainer_state.pt"
@@ -102,16 +103,67 @@ def check_compatible(state: dict, cfg, path: str) -> None:
                            "another out=")
 
 
-def check_adapter_base(path: str, fingerprint: str | None, kind: str = "adapter") -> None:
-    """An adapter (or ESFT) checkpoint resumes only onto the base it was trained on."""
+def check_steps(state: dict, total_steps: int, path: str) -> None:
+    """A resume must not end before the step its checkpoint reached."""
+    step = int(state["step"])
+    if total_steps < step:
+        raise UpcycleError(f"cannot resume from {path}: it is at step {step}, and the recipe ends at step "
+                           f"{total_steps} (max_steps or epochs); raise it, or evaluate that checkpoint as it is")
+
+
+def check_same_data(state: dict, train_report: dict, path: str) -> None:
+    """The training set a resume builds must be the one the checkpoint trained on (``data`` is pinned, but
+    the files it names can change, and so can how a version of upcycle reads them)."""
+    was = state.get("data")
+    if was is None:  # checkpoints from before it was recorded: the run directory's data.json, if any
+        try:
+            run_dir = os.path.dirname(os.path.dirname(path))
+            was = read_json_object(os.path.join(run_dir, "data.json"), "a data report")["train"]
+        except (UpcycleError, KeyError):
+            return
+    if was != train_report:
+        def brief(r):
+            return ", ".join(f"{k} {v}" for k, v in r.items() if k != "source") if isinstance(r, dict) else r
+
+        raise UpcycleError(f"cannot resume from {path}: the training set is not the one it trained on ({brief(was)} "
+                           f"then, {brief(train_report)} now: a data file changed?); start a new run with another out=")
+
+
+_NOT_SETTINGS = ("out", "resume", "overwrite", "progress", "tensorboard")
+
+
+def recipe_changes(old: dict | None, cfg) -> dict[str, list]:
+    """{dotted key: [the checkpoint's value, the recipe's]} of every setting a resume changes (the pinned
+    ones are refused before: ``check_compatible``). A key the checkpoint predates is no change."""
+    import dataclasses
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    was, now = flat(old or {}), flat(dataclasses.asdict(cfg))
+    return {k: [was[k], v] for k, v in now.items()
+            if k.split(".")[0] not in _NOT_SETTINGS and k in was and was[k] != v}
+
+
+def check_adapter_base(path: str, model: str, fingerprint: str | None, kind: str = "adapter") -> None:
+    """An adapter (or ESFT) checkpoint resumes only onto the base it was trained on: the recipe's
+    ``model`` (fingerprint ``fingerprint``) must have the fingerprint the checkpoint recorded."""
     if kind == "esft":
-        want = read_esft_config(path).get("base_fingerprint")
+        raw = read_esft_config(path)
+        want, recorded = raw.get("base_fingerprint"), raw.get("base_model_name_or_path")
     else:
-        want = (read_adapter_config(path).get("upcycle") or {}).get("base_fingerprint")
-    if fingerprint and want and want != fingerprint:
-        what = "its trained experts were" if kind == "esft" else "its adapter was"
-        raise UpcycleError(f"cannot resume from {path}: {what} trained on a base with fingerprint {want}, "
-                           f"the recipe's model has {fingerprint}")
+        raw = read_adapter_config(path)
+        want, recorded = (raw.get("upcycle") or {}).get("base_fingerprint"), raw.get("base_model_name_or_path")
+    if fingerprint:
+        what = "the base its " + ("trained experts were" if kind == "esft" else "adapter was") + " trained on"
+        check_fingerprint(model, want, what=f"cannot resume from {path}: {what}", recorded=recorded, have=fingerprint,
+                          hint="; resume with that model=, or start a new run with another out=")
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, kind: str,
@@ -176,8 +228,22 @@ def load_trainer_state(path: str) -> dict:
     return {**_load(os.path.join(path, STATE_NAME)), "optimizer": _load(os.path.join(path, OPTIM_NAME))}
 
 
+# What the recipe sets in each optimiser group (the group's peak lr is ``initial_lr``); the loaded state keeps
+# the rest (moments, step counts, bitsandbytes' quantisation settings).
+_RECIPE_GROUP_KEYS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
 def restore(state: dict, model, optimizer, scheduler, d) -> None:
-    """Optimiser, scheduler and RNG from a loaded ``trainer_state`` (the weights are loaded already)."""
+    """Optimiser, scheduler and RNG from a loaded ``trainer_state`` (the weights are loaded already), with the
+    recipe's settings applied from the checkpoint's step on.
+
+    ``optimizer`` and ``scheduler`` come built from the recipe; loading the state would bring back the
+    settings of the run that saved it (its learning rates, betas, weight decay) while ``recipe.yaml``
+    says otherwise. So the recipe's are put back, and every group's learning rate is the schedule's
+    (a function of the step and the run's length: ``lr_factor``) at this step: what a fresh run with
+    this recipe has at this step. Unchanged settings give the same bits as before (resume is exact).
+    """
+    recipe = [{k: g[k] for k in ("name", *_RECIPE_GROUP_KEYS) if k in g} for g in optimizer.param_groups]
     try:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -185,6 +251,15 @@ def restore(state: dict, model, optimizer, scheduler, d) -> None:
         raise UpcycleError(f"the checkpoint's optimiser state does not fit this model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]})") from None
     scheduler.load_state_dict(state["scheduler"])
+    groups = optimizer.param_groups  # the same construction as the checkpoint's (its settings are pinned)
+    if [g.get("name") for g in groups] != [r["name"] for r in recipe]:
+        raise UpcycleError(f"the checkpoint's optimiser groups ({', '.join(str(g.get('name')) for g in groups)}) are "
+                           f"not this recipe's ({', '.join(r['name'] for r in recipe)})")
+    for g, r in zip(groups, recipe):
+        g.update(r)
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    for g, factor in zip(groups, scheduler.lr_lambdas):
+        g["lr"] = g["initial_lr"] * factor(scheduler.last_epoch)  # LambdaLR's own formula: bit for bit
     rng = state.get("rng") or []
     if state.get("world") == d.world and d.rank < len(rng):
         torch.set_rng_state(rng[d.rank]["cpu"])

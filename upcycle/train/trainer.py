@@ -21,12 +21,14 @@ import math
 import os
 import shutil
 import signal
+import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.errors import UpcycleError
+from upcycle.inference import check_token_ids
 from upcycle.io import write_json, write_text
 from upcycle.moe.block import aux_loss
 from upcycle.train import checkpointing as ckpt
@@ -77,19 +79,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[i
     return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
 
 
-def _count_targets(ds) -> list[int]:
-    """Per sequence, the tokens it trains on: labels after the causal shift that are not -100."""
-    import numpy as np
-
-    labels = ds.with_format("numpy")["labels"]
-    return [int(np.count_nonzero(np.asarray(row)[1:] != -100)) for row in labels]
-
-
 class Trainer:
     """Holds the run's pieces; ``run()`` trains to the end (or to a stop) and returns a summary."""
 
     def __init__(self, cfg: TrainConfig):
         from upcycle.data import build_datasets
+        from upcycle.data.text import count_targets, max_token_id
 
         cfg.validate()
         self.cfg = cfg
@@ -129,7 +124,7 @@ class Trainer:
 
             self.fingerprint = base_fingerprint(cfg.model) if d.main else None
             if self.resume_from:
-                ckpt.check_adapter_base(self.resume_from, self.fingerprint, kind)
+                ckpt.check_adapter_base(self.resume_from, cfg.model, self.fingerprint, kind)
         # Data: the main process first, so the others find its datasets cache.
         if not d.main:
             d.barrier()
@@ -137,11 +132,17 @@ class Trainer:
             cfg.data, self.tokenizer, seed=cfg.seed, log=tqdm.write if d.main else (lambda *_: None))
         if d.main:
             d.barrier()
+        for ds, what in ((self.train_ds, "training"), (self.eval_ds, "held-out")):
+            if ds is not None and len(ds):  # an id beyond the embeddings: one line now, not an IndexError mid-run
+                check_token_ids(model, max_token_id(ds), f"the {what} data, as {cfg.model}'s tokenizer encodes it,")
         self.steps_per_epoch = len(self.train_ds) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise UpcycleError(f"the training set has {len(self.train_ds)} sequences, fewer than batch_size "
                                f"({cfg.batch_size})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if self.state is not None:
+            ckpt.check_steps(self.state, self.total_steps, self.resume_from)
+            ckpt.check_same_data(self.state, self.data_report["train"], self.resume_from)
         self.experts_subset = self._experts_subset(model) if cfg.experts_subset is not None else None
         if self.resume_from and kind == "adapter":
             from upcycle.adapters import load_adapter_weights
@@ -151,17 +152,28 @@ class Trainer:
             from upcycle.models.esft import load_esft_tensors
 
             load_esft_tensors(model, self.resume_from, self.experts_subset["experts"])
-        self.n_targets = _count_targets(self.train_ds)
+        self.n_targets = count_targets(self.train_ds)
         # Counted once: every evaluation sums them per micro-batch.
-        self.eval_targets = _count_targets(self.eval_ds) if self.eval_ds is not None else []
+        self.eval_targets = count_targets(self.eval_ds) if self.eval_ds is not None else []
+        if not sum(self.eval_targets):  # no held-out data, or none with a target token: no evaluation, said now
+            self.eval_ds = None
+            if d.main and (cfg.data.eval is not None or cfg.data.eval_fraction > 0):
+                held, data = self.data_report["eval"], cfg.data
+                why = (f"{held['source']} has no token to score" if held else
+                       f"data.train {data.train} leaves nothing to hold out at eval_fraction {data.eval_fraction:g}")
+                when = f"every {cfg.eval_every} steps nor at the end" if cfg.eval_every else "at the end"
+                warnings.warn(f"no held-out data: {why}; no evaluation will run ({when}): set data.eval to a file or "
+                              "dataset to evaluate on", stacklevel=2)
         self.model = distributed.wrap(model, d, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.step = 0
         self.telemetry = RoutingTelemetry(self.model, warn=d.main)
+        self.changes = {}
         if self.state is not None:
             ckpt.restore(self.state, self.model, self.optimizer, self.scheduler, d)
             self.step = int(self.state["step"])
+            self.changes = ckpt.recipe_changes(self.state.get("recipe"), cfg)
             if d.main and "routing_sums" in self.state:
                 self.telemetry.sums.copy_(self.state["routing_sums"])
         else:
@@ -170,6 +182,8 @@ class Trainer:
         self.metrics = None
         if d.main:
             self.metrics = MetricsWriter(cfg.out, cfg.tensorboard, resume_step=self.step if self.resume_from else None)
+            if self.changes:  # what ran before this step is in the checkpoint's recipe, what runs now in recipe.yaml
+                self.metrics.write({"type": "resume", "step": self.step, "changed": self.changes})
 
     # ---- setup -------------------------------------------------------------------------
     def _check_out(self) -> str | None:
@@ -347,7 +361,7 @@ class Trainer:
         # The open logging window's routing counts, over all processes (restored on the main one).
         routing_sums = self.d.all_sum(self.telemetry.sums.clone())
         state = {"seed": cfg.seed, "epoch": epoch, "recipe": dataclasses.asdict(cfg), "routing_sums": routing_sums,
-                 **extra}
+                 "data": self.data_report["train"], **extra}
         if self.experts_subset is not None:
             state["experts_subset"] = self.experts_subset  # a resume reuses the choice as it is
         return ckpt.save_checkpoint(cfg.out, self.step, self.model, self.optimizer, self.scheduler, state,
