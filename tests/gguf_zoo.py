@@ -63,6 +63,9 @@ CASES: dict[str, Case] = {
     "nemotron": Case("nemotron", "spm", "exact"),
     # GPT-2's GGUF config keeps n_positions and n_inner only at their defaults (1024, 4 * n_embd).
     "gpt2": Case("gpt2", "bpe", "exact", overrides=dict(n_inner=None, n_positions=1024, n_ctx=1024)),
+    # An untied lm_head: GPT-2's processor hands output.weight over through transformers' parsed_parameters.
+    "gpt2-untied": Case("gpt2", "bpe", "exact", overrides=dict(n_inner=None, n_positions=1024, n_ctx=1024,
+                                                               tie_word_embeddings=False)),
     # Read exactly; not upcycled: BloomMLP adds the residual itself (upcycle.arch refuses it, from HF dirs too).
     "bloom": Case("bloom", "bpe", "exact", upcycles="cannot upcycle architecture 'bloom'"),
     "falcon": Case("falcon", "bpe", "exact", overrides=dict(multi_query=True, num_kv_heads=1)),

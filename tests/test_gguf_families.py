@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import llama_cpp_dir
@@ -63,6 +64,8 @@ def test_exact_family(zoo, name, tmp_path):
     ref = _transformers_gguf_load(built.gguf)
     with open_source(str(built.gguf)) as src:
         assert src.kind == "gguf" and src.unmapped == []
+        # An untied original keeps its own lm_head (GPT-2's arrives through the processor's parsed_parameters).
+        assert ("lm_head.weight" in src.tensor_names()) == (not built.model.config.tie_word_embeddings)
         for n in src.tensor_names():  # metadata promises what get_tensor delivers
             assert src.tensor_info(n) == (tuple(src.get_tensor(n).shape), torch.float32), n
         dense = src.load_dense_model()
@@ -108,6 +111,45 @@ def test_refused_family(zoo, name):
     with torch.no_grad():
         diff = (ref(IDS).logits - built.model(IDS).logits).abs().max().item()
     assert diff > 1e-4, f"transformers reads {name} as the original (max |diff| {diff:.2e}): the refusal is not needed"
+
+
+def _with_tensor(src, out, name, array):
+    """``src`` rewritten by gguf-py with one more tensor."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer writes these itself
+        is_array = f.types[0] == gguf.GGUFValueType.ARRAY
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if is_array else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_falcon_output_weight_must_be_the_embeddings(zoo, tmp_path):
+    """transformers ties Falcon's lm_head to the embeddings whatever the file holds: a copy reads, a different
+    output.weight is refused (transformers would silently use one of the two)."""
+    import gguf
+
+    built = _converted(zoo, "falcon")
+    embed = np.array(next(t for t in gguf.GGUFReader(str(built.gguf)).tensors if t.name == "token_embd.weight").data)
+    same = _with_tensor(built.gguf, tmp_path / "same.gguf", "output.weight", embed)
+    with open_source(str(same)) as src:
+        assert "lm_head.weight" not in src.tensor_names() and src.config.tie_word_embeddings
+        with torch.no_grad():
+            torch.testing.assert_close(src.load_dense_model()(IDS).logits, built.model(IDS).logits,
+                                       **TOLERANCES[torch.float32])
+    other = _with_tensor(built.gguf, tmp_path / "other.gguf", "output.weight", embed + 1)
+    with pytest.raises(UpcycleError, match="its output.weight differs from token_embd.weight"):
+        open_source(str(other))
 
 
 def test_cli_refuses_in_one_line_and_writes_nothing(zoo, tmp_path, capsys):

@@ -88,8 +88,9 @@ class GGUFSource(Source):
         if dropped:
             raise UpcycleError(f"cannot read {self.spec} exactly: transformers' GGUF loader drops its tensor"
                                f"{'s' if len(dropped) > 1 else ''} {', '.join(dropped[:3])}"
-                               f"{', ...' if len(dropped) > 3 else ''} (e.g. rope scaling factors, biases its "
-                               f"config lacks); upcycle its Hugging Face checkpoint instead")
+                               f"{', ...' if len(dropped) > 3 else ''} (the model it builds from this file has no "
+                               f"slot for {'them' if len(dropped) > 1 else 'it'}); upcycle its Hugging Face "
+                               f"checkpoint instead")
         if getattr(self.config, "tie_word_embeddings", False) and "output.weight" in by_gguf and "token_embd.weight" in by_gguf:
             # transformers ties Falcon's and Bloom's lm_head to the embeddings whatever the file holds.
             out, emb = by_gguf.pop("output.weight"), by_gguf["token_embd.weight"]

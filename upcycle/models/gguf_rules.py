@@ -54,6 +54,12 @@ REFUSED: dict[str, str] = {
 _ANY = object()  # a key whose value cannot change the function (checked by the tensor shapes, or unused)
 
 
+class _Said(str):
+    """An expected value that is a description, not a literal: shown without quotes."""
+
+    __repr__ = str.__str__
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -103,8 +109,8 @@ _IMPLIED: dict[str, Callable] = {
     "rope.scaling.original_context_length": lambda c, m: _ANY,
     # Falcon: llama.cpp regroups the fused qkv per KV group (convert_hf_to_gguf's FalconModel), which
     # transformers does not undo; with one KV head (Falcon-7B) the regrouping is the identity.
-    "tensor_data_layout": lambda c, m: ("jploski" if m.get("attention.head_count_kv", 1) == 1
-                                        else "the Hugging Face qkv layout, which 'jploski' is only with one KV head"),
+    "tensor_data_layout": lambda c, m: ("jploski" if m.get("attention.head_count_kv", 1) == 1 else _Said(
+        f"the Hugging Face qkv layout (llama.cpp regrouped it for {m['attention.head_count_kv']} KV heads)")),
 }
 
 
