@@ -55,8 +55,10 @@ CASES: dict[str, Case] = {
     "mistral": Case("mistral", "spm", "exact"),
     "qwen2": Case("qwen2", "spm", "exact"),
     "qwen3": Case("qwen3", "spm", "exact", overrides=dict(head_dim=128)),  # every Qwen3's; the GGUF config assumes it
-    "gemma2": Case("gemma2", "spm", "exact"),
-    "gemma3": Case("gemma3_text", "spm", "exact", overrides=dict(num_hidden_layers=6)),  # layer 5 is global
+    # Gemma: head_dim 256, as every Gemma 2 / 3 but the 27B: llama.cpp then scales queries by 1/sqrt(256),
+    # transformers' GGUF config by its default query_pre_attn_scalar 256.
+    "gemma2": Case("gemma2", "spm", "exact", overrides=dict(head_dim=256)),
+    "gemma3": Case("gemma3_text", "spm", "exact", overrides=dict(head_dim=256, num_hidden_layers=6)),  # 5 is global
     "phi3": Case("phi3", "spm", "exact"),
     "stablelm": Case("stablelm", "bpe", "exact"),
     "starcoder2": Case("starcoder2", "bpe", "exact"),
@@ -74,9 +76,11 @@ CASES: dict[str, Case] = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16))),
     "llama-attention-bias": Case("llama", "spm", "refused", "attn_q.bias", dict(attention_bias=True)),
     "gemma2-softcapping": Case("gemma2", "spm", "refused", "gemma2.attn_logit_softcapping",
-                               dict(attn_logit_softcapping=20.0, final_logit_softcapping=5.0)),
+                               dict(head_dim=256, attn_logit_softcapping=20.0, final_logit_softcapping=5.0)),
+    "gemma2-query-scale": Case("gemma2", "spm", "refused", "query_pre_attn_scalar",
+                               dict(head_dim=16, query_pre_attn_scalar=16)),
     "gemma3-rope-scaling": Case("gemma3_text", "spm", "refused", "gemma3.rope.scaling.type",
-                                dict(num_hidden_layers=6, rope_scaling=dict(rope_type="linear", factor=8.0))),
+                                dict(head_dim=256, num_hidden_layers=6, rope_scaling=dict(rope_type="linear", factor=8.0))),
     "phi3-sliding-window": Case("phi3", "spm", "refused", "phi3.attention.sliding_window", dict(sliding_window=8)),
     "nemotron-partial-rope": Case("nemotron", "spm", "refused", "nemotron.rope.dimension_count",
                                   dict(partial_rotary_factor=0.25)),

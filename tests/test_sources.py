@@ -664,7 +664,7 @@ def test_gguf_gemma2_norms_read_as_transformers_reads_them(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Gemma2Config(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=256, max_position_embeddings=64, sliding_window=4)).eval()
+        head_dim=256, vocab_size=256, max_position_embeddings=64, sliding_window=4)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -680,3 +680,29 @@ def test_gguf_gemma2_norms_read_as_transformers_reads_them(tmp_path):
         logits = dense(TOKENS).logits
         assert torch.equal(logits, ref(TOKENS).logits)
         torch.testing.assert_close(logits, model(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_gemma2_query_scale_as_llama_cpp_derives_it(tmp_path):
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), or 1/sqrt(n_embd / n_head) for the 27B (46 layers);
+    no key records it, and transformers' GGUF config keeps query_pre_attn_scalar at 256: refused where they differ."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    from upcycle.models.gguf_rules import check_metadata
+
+    mapped = GGUF_TO_TRANSFORMERS_MAPPING["config"]["gemma2"]
+    config = Gemma2Config(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=256)
+    assert config.query_pre_attn_scalar == 256
+
+    def meta(layers):
+        return {"gemma2.block_count": layers, "gemma2.embedding_length": 64, "gemma2.attention.head_count": 1,
+                "gemma2.attention.key_length": 256}
+
+    assert check_metadata("gemma2", meta(45), mapped, config) is None
+    assert "llama.cpp scales its queries by 1/sqrt(64)" in check_metadata("gemma2", meta(46), mapped, config)
+    # A whole file: head_dim 16 (query_pre_attn_scalar left at 256 in the original); llama.cpp uses 1/sqrt(16).
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=64, sliding_window=4)).eval()
+    _one_line_error(write_gemma2_gguf(model, tmp_path / "g.gguf"), "llama.cpp scales its queries by 1/sqrt(16)")

@@ -15,7 +15,8 @@ own per-family processors; this module decides which files that read is exact fo
   value transformers' config implies anyway, or the file is refused. That is how a file whose
   function transformers would silently change is caught: Llama 3 rope scaling, Gemma 3's scaled
   global rope, StarCoder2's rope base, Phi-3's sliding window, Nemotron's partial rope, Gemma 2's
-  soft-capping, Falcon-40B's grouped qkv (each one shown by a test to change the logits).
+  soft-capping, Falcon-40B's grouped qkv, and a Gemma query scale that llama.cpp derives from the
+  sizes otherwise than transformers assumes (each one shown by a test to change the logits).
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ _IMPLIED: dict[str, Callable] = {
 }
 
 
+def _gemma_query_scale(arch: str, layers_27b: int) -> Callable:
+    """llama.cpp scales Gemma's queries by 1/sqrt(n_embd / n_head) in the 27B model (told apart by its layer
+    count) and by 1/sqrt(head_dim) otherwise (``src/models/gemma2.cpp``, ``gemma3.cpp``); no GGUF key records
+    it. transformers scales by 1/sqrt(query_pre_attn_scalar), which its GGUF config leaves at the default."""
+
+    def check(config, meta) -> str | None:
+        n_embd, n_head = meta["embedding_length"], meta["attention.head_count"]
+        llama_cpp = n_embd // n_head if meta["block_count"] == layers_27b else meta.get("attention.key_length", n_embd // n_head)
+        ours = getattr(config, "query_pre_attn_scalar", None)
+        if ours != llama_cpp:
+            return (f"llama.cpp scales its queries by 1/sqrt({llama_cpp}) (src/models/{arch}.cpp, from its sizes), "
+                    f"transformers' GGUF config by 1/sqrt({ours}) (query_pre_attn_scalar)")
+        return None
+
+    return check
+
+
+# Per family, what llama.cpp's graph derives from the sizes rather than reading from a key.
+_DERIVED: dict[str, Callable] = {"gemma2": _gemma_query_scale("gemma2", 46), "gemma3": _gemma_query_scale("gemma3", 62)}
+
+
 def _same(value, expected) -> bool:
     if expected is _ANY:
         return True
@@ -142,7 +164,8 @@ def check_metadata(arch: str, fields: dict, mapped: dict, config) -> str | None:
         expected = implied(config, meta)
         if not _same(value, expected):
             return f"its metadata {key} = {value!r} is not read by transformers' GGUF loader, which assumes {expected!r}"
-    return None
+    derived = _DERIVED.get(arch)
+    return derived(config, meta) if derived is not None else None
 
 
 def refusal(arch: str, supported_by_transformers: bool) -> str | None:
