@@ -46,6 +46,9 @@ engines: install
 	ls $(ENGINES)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
 		CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps $(LLAMA_SDIST) -w $(ENGINES)/wheels
 	$(PY) -m pip install -q $(ENGINES)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	@# The converter's own requirement (requirements/requirements-convert_legacy_llama.txt in the tree): it
+	@# reads tokenizer.model files, which the tests' Gemma 2, Nemotron and Phi-3 fixtures need.
+	$(PY) -m pip install -q 'sentencepiece>=0.1.98,<0.3.0'
 
 test-engines: engines
 	$(PY) -m pytest -q -m engines

@@ -27,27 +27,30 @@ EXTRA = {
 }
 
 
-def tiny_config(family: str):
+def tiny_config(family: str, **overrides):
+    """``overrides``: config fields on top of the tiny defaults (``vocab_size``, ``rope_theta``...)."""
     from transformers import AutoConfig
 
     if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=4, n_head=4, n_inner=96, vocab_size=128, n_positions=64)
+        return AutoConfig.for_model("gpt2", **{**dict(n_embd=64, n_layer=4, n_head=4, n_inner=96, vocab_size=128,
+                                                      n_positions=64), **overrides})
     if family == "gemma3":  # the vision-language checkpoint: upcycle its language model
         from transformers import Gemma3Config
 
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                       patch_size=8)
-        return Gemma3Config(text_config=dict(COMMON, head_dim=16, sliding_window=8), vision_config=vision,
+        return Gemma3Config(text_config=dict(COMMON, head_dim=16, sliding_window=8, **overrides), vision_config=vision,
                             mm_tokens_per_image=4, image_token_index=120, boi_token_index=121, eoi_token_index=122)
-    return AutoConfig.for_model(family, **{**COMMON, **EXTRA.get(family, {})})
+    return AutoConfig.for_model(family, **{**COMMON, **EXTRA.get(family, {}), **overrides})
 
 
-def make_family(family: str, path=None, seed: int = 0):
-    """A tiny random dense model of ``family`` in eval mode (saved to ``path`` if given)."""
+def make_family(family: str, path=None, seed: int = 0, **overrides):
+    """A tiny random dense model of ``family`` in eval mode (saved to ``path`` if given); ``overrides`` as in
+    ``tiny_config``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family)).float().eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""

@@ -514,3 +514,195 @@ def test_smollm2_alias_matches_transformers_gguf_load(tmp_path):
         tok = src.load_tokenizer()
         assert tok.decode(tok("Hello world")["input_ids"], skip_special_tokens=True).strip() == "Hello world"
         assert src.fingerprint.startswith("sha256:")
+
+
+# --- GGUF families: read as transformers reads them, or refused (tests/test_gguf_families.py runs llama.cpp's
+# own converter on every family; these need only gguf-py) ---------------------------------------------------
+
+
+def test_every_transformers_gguf_family_is_decided():
+    """Each architecture transformers' GGUF loader reads is either read exactly (tested) or refused with a reason."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from upcycle.models.gguf_rules import EXACT, REFUSED
+
+    to_gguf = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2",
+               "umt5": "t5"}  # transformers' config-mapping keys -> GGUF general.architecture
+    archs = {to_gguf.get(a, a) for a in GGUF_SUPPORTED_ARCHITECTURES} - {"general", "tokenizer", "mistral"}
+    assert archs - set(EXACT) - set(REFUSED) == set()
+    assert set(EXACT) & set(REFUSED) == set()
+
+
+def _bare_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch, reason", [
+    ("olmo2", "GGUF family 'olmo2' cannot be read by transformers' GGUF loader"),
+    ("command-r", "GGUF family 'command-r' cannot be read by transformers' GGUF loader"),
+    ("qwen2moe", "GGUF family 'qwen2moe' is already a Mixture-of-Experts model"),
+    ("mamba", "GGUF family 'mamba' is a state-space model"),
+])
+def test_gguf_family_refused_in_one_line(tmp_path, capsys, arch, reason):
+    from upcycle.cli import main
+
+    path = _bare_gguf(tmp_path / "m.gguf", arch)
+    msg = _one_line_error(path, reason)
+    assert msg.startswith(f"cannot read {path} exactly: ") and "GGUF families read exactly: llama, " in msg
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["convert", "--model", str(path), "--out", str(out), "--layers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"upcycle: error: {msg}" and not out.exists()
+
+
+def _with_extras(tmp_path, keys=(), tensors=()) -> Path:
+    """write_tiny_gguf's llama plus extra metadata (name, value) and tensors (name, array)."""
+    import gguf
+
+    model = _model("llama")
+    path = write_tiny_gguf(model, tmp_path / "base.gguf")
+    reader = gguf.GGUFReader(str(path))
+    out = tmp_path / "extra.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama.") and not key.startswith("llama.rope.scaling"):
+            value = field.contents()
+            w.add_key_value(key, value, field.types[0])
+    for key, value, vtype in keys:
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    for name, arr in tensors:
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with open_source(str(path)):  # the base file itself reads
+        pass
+    return out
+
+
+def test_gguf_tensor_transformers_drops_is_refused(tmp_path):
+    """Llama 3's rope scaling lives in a rope_freqs tensor transformers' GGUF loader ignores: refused by name."""
+    path = _with_extras(tmp_path, tensors=[("rope_freqs.weight", np.ones(8, np.float32))])
+    _one_line_error(path, "transformers' GGUF loader drops its tensor rope_freqs.weight")
+
+
+@pytest.mark.parametrize("key, value, vtype, match", [
+    ("llama.rope.scaling.type", "linear", "STRING", "llama.rope.scaling.type = 'linear' is not read by transformers"),
+    ("llama.rope.scaling.factor", 4.0, "FLOAT32", "llama.rope.scaling.factor = 4.0 is not read"),
+    ("llama.attention.key_length", 32, "UINT32", "llama.attention.key_length = 32 is not read by transformers' "
+                                                 "GGUF loader, which assumes 16"),
+    ("llama.some_future_key", 1, "UINT32", "llama.some_future_key = 1 is not read by transformers' GGUF loader"),
+])
+def test_gguf_metadata_transformers_ignores_is_checked(tmp_path, key, value, vtype, match):
+    import gguf
+
+    path = _with_extras(tmp_path, keys=[(key, value, gguf.GGUFValueType[vtype])])
+    _one_line_error(path, match)
+
+
+def test_gguf_metadata_that_agrees_is_accepted(tmp_path):
+    import gguf
+
+    path = _with_extras(tmp_path, keys=[("llama.attention.key_length", 16, gguf.GGUFValueType.UINT32),
+                                        ("llama.rope.scaling.type", "none", gguf.GGUFValueType.STRING)])
+    with open_source(str(path)) as src:
+        assert src.config.model_type == "llama"
+
+
+def write_gemma2_gguf(model, path: Path) -> Path:
+    """A Gemma 2 GGUF the way llama.cpp's converter writes one (Gemma2Model in its conversion/gemma.py): norms
+    stored as 1 + w, names from gguf-py's map, the hyperparameters it records."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, t in _expected_state(model).items():
+        base, suffix = name.rsplit(".", 1)
+        arr = t.float().numpy()
+        if base.endswith("norm"):
+            arr = arr + 1  # what the converter does: llama.cpp's norm multiplies by the stored weight
+        w.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_gemma2_norms_read_as_transformers_reads_them(tmp_path):
+    """The issue's bug: Gemma's norms are stored as 1 + w; read raw, the model is garbage."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=256, vocab_size=256, max_position_embeddings=64, sliding_window=4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.1 * torch.randn_like(p))  # Gemma computes (1 + w): w around 0
+    path = write_gemma2_gguf(model, tmp_path / "gemma2.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=str(path), dtype=torch.float32).eval()
+    with open_source(str(path)) as src:
+        assert src.config.model_type == "gemma2"
+        dense = src.load_dense_model()
+        for name in src.tensor_names():
+            assert torch.equal(src.get_tensor(name), ref.state_dict()[name]), name
+    with torch.no_grad():
+        logits = dense(TOKENS).logits
+        assert torch.equal(logits, ref(TOKENS).logits)
+        torch.testing.assert_close(logits, model(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_gemma2_query_scale_as_llama_cpp_derives_it(tmp_path):
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim), or 1/sqrt(n_embd / n_head) for the 27B (46 layers);
+    no key records it, and transformers' GGUF config keeps query_pre_attn_scalar at 256: refused where they differ."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    from upcycle.models.gguf_rules import check_metadata
+
+    mapped = GGUF_TO_TRANSFORMERS_MAPPING["config"]["gemma2"]
+    config = Gemma2Config(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=256)
+    assert config.query_pre_attn_scalar == 256
+
+    def meta(layers):
+        return {"gemma2.block_count": layers, "gemma2.embedding_length": 64, "gemma2.attention.head_count": 1,
+                "gemma2.attention.key_length": 256}
+
+    assert check_metadata("gemma2", meta(45), mapped, config) is None
+    assert "llama.cpp scales its queries by 1/sqrt(64)" in check_metadata("gemma2", meta(46), mapped, config)
+    # A whole file: head_dim 16 (query_pre_attn_scalar left at 256 in the original); llama.cpp uses 1/sqrt(16).
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=256, max_position_embeddings=64, sliding_window=4)).eval()
+    _one_line_error(write_gemma2_gguf(model, tmp_path / "g.gguf"), "llama.cpp scales its queries by 1/sqrt(16)")
