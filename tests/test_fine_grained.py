@@ -27,11 +27,14 @@ pytestmark = pytest.mark.oldest
 
 F32 = TOLERANCES[torch.float32]
 # Per family: (name, granularity, extra ConvertConfig fields). Every form (gated, fused, non-gated with
-# biases, Conv1D) meets G = 2, 4 and 8, with and without a shared expert, both selections, permuted copies.
+# biases, Conv1D) meets G = 2, 4 and 8, each with and without a shared expert (both selections), permuted copies.
 CASES = [
     ("g2-permuted", 2, dict(permute_copies=True)),
+    ("g2-shared", 2, dict(shared_neurons=16, calibration_tokens=256)),
+    ("g4", 4, {}),
     ("g4-shared", 4, dict(shared_fraction=0.3, calibration_tokens=256)),
-    ("g8-shared-random", 8, dict(shared_neurons=32, shared_selection="random")),
+    ("g8", 8, {}),
+    ("g8-shared-random", 8, dict(shared_neurons=32, shared_selection="random", permute_copies=True)),
 ]
 
 
@@ -244,7 +247,9 @@ def test_inspect_counts_active_parameters_and_flops_against_the_dense_model(tmp_
             model(ids)
         counts.append(fc.get_total_flops())
     assert (counts[1] - counts[0]) / ids.numel() == info["flops_per_token"] - info["dense_flops_per_token"] == 2 * router
-    assert info["flops_vs_dense"] == pytest.approx(1.0, abs=0.02) and info["params_vs_dense"] > 5
+    # At top-G (one copy's worth) only the routers cost more: 2.6% at this toy width (0.08% for SmolLM2).
+    assert info["flops_vs_dense"] == pytest.approx(info["flops_per_token"] / info["dense_flops_per_token"], abs=1e-4)
+    assert 1 < info["flops_vs_dense"] < 1.03 and info["params_vs_dense"] > 1.5
     assert main(["inspect", str(tmp_path / "moe")]) == 0
     text = capsys.readouterr().out
     assert "flops_vs_dense" in text and "shared_ffn_size" in text and "random" in text

@@ -24,6 +24,9 @@ Shape legend: N windows, S tokens per window, F the MLP's neurons.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 
 import torch
@@ -35,6 +38,23 @@ from upcycle.errors import UpcycleError
 
 SEQ_LEN = 512
 """Tokens per calibration window (fewer where the model's context is shorter)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps the blocks each layer's activations and dequantised weights freed (RSS grew by ~60 MB
+    per SmolLM2 layer, 1.9 GB over 30, though the live tensors stay under one layer's worth):
+    ``malloc_trim`` hands them back to the system. Elsewhere (no glibc) it is a no-op."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class _Stop(Exception):
@@ -141,6 +161,7 @@ def neuron_scores(src, spec: ArchSpec, layer_ids: list[int], ids_NS: Tensor, pro
     def advance(i: int):
         def hook(module, args, output):
             bar.update(1)
+            _give_back_freed_memory()
             if i == last:
                 raise _Stop
         return hook
