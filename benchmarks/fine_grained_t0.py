@@ -73,7 +73,8 @@ def bf16_router_probe(path: str, ids) -> list[list[str]]:
     inputs = {}
     blocks = moe_blocks(model)
     for name, block in blocks.items():
-        block.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].reshape(-1, a[0].shape[-1])))
+        block.register_forward_pre_hook(
+            lambda m, a, name=name: inputs.__setitem__(name, a[0].reshape(-1, a[0].shape[-1])))
     rows = []
     with torch.no_grad():
         model(ids)

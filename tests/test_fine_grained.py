@@ -72,7 +72,8 @@ def test_fine_grained_and_shared_upcycles_are_the_dense_model(family_upcycles, f
         for case, path in dirs.items():
             for backend in ("loop", "grouped_mm"):
                 moe = upcycle.load(path, experts_backend=backend)
-                torch.testing.assert_close(moe(input_ids=ids).logits, want, **F32, msg=lambda m: f"{case} {backend}: {m}")
+                torch.testing.assert_close(moe(input_ids=ids).logits, want, **F32,
+                                           msg=lambda m: f"{case} {backend}: {m}")
                 # Virtual groups: every token's K*G choices are K whole copies.
                 for stats in routing_stats(moe).values():
                     assert stats.degrouped_fraction == 0.0 and stats.copies_per_token == 1.0
@@ -246,7 +247,8 @@ def test_inspect_counts_active_parameters_and_flops_against_the_dense_model(tmp_
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(ids)
         counts.append(fc.get_total_flops())
-    assert (counts[1] - counts[0]) / ids.numel() == info["flops_per_token"] - info["dense_flops_per_token"] == 2 * router
+    extra = info["flops_per_token"] - info["dense_flops_per_token"]
+    assert (counts[1] - counts[0]) / ids.numel() == extra == 2 * router
     # At top-G (one copy's worth) only the routers cost more: 2.6% at this toy width (0.08% for SmolLM2).
     assert info["flops_vs_dense"] == pytest.approx(info["flops_per_token"] / info["dense_flops_per_token"], abs=1e-4)
     assert 1 < info["flops_vs_dense"] < 1.03 and info["params_vs_dense"] > 1.5

@@ -61,7 +61,8 @@ def test_lora_covers_segments_and_shared_expert_and_round_trips(fine, tmp_path):
     torch.testing.assert_close(_logits(model), base, **F32)  # B = 0: a no-op
     for block in moe_blocks(model).values():
         assert block.experts.num_experts == 16
-        assert all(isinstance(getattr(block.shared_expert, p), LoraLinear) for p in ("gate_proj", "up_proj", "down_proj"))
+        projections = ("gate_proj", "up_proj", "down_proj")
+        assert all(isinstance(getattr(block.shared_expert, p), LoraLinear) for p in projections)
     _randomize(model)
     want = _logits(model)
     assert not torch.allclose(want, base)
@@ -90,7 +91,8 @@ def test_qlora_quantises_the_shared_expert_and_trains_its_adapter(fine):
     model = upcycle.load(str(fine), experts_backend="grouped_mm")
     want = _logits(model)
     rep = quantize_model(model)
-    assert rep["num_experts_modules"] == 2 and rep["num_linear"] == 4 * 4 + 3 * 2  # q/k/v/o of 4 layers + 2 shared experts
+    # q/k/v/o of 4 layers, and the 3 projections of 2 shared experts
+    assert rep["num_experts_modules"] == 2 and rep["num_linear"] == 4 * 4 + 3 * 2
     block = next(iter(moe_blocks(model).values()))
     assert isinstance(block.shared_expert.down_proj, NF4Linear)
     torch.testing.assert_close(_logits(model), want, atol=0.15, rtol=0)  # NF4 rounding of every projection
@@ -144,3 +146,14 @@ def test_the_shared_expert_trains_at_the_experts_rate():
     assert param_kind("model.layers.2.mlp.shared_expert.down_proj.weight") == "experts"
     assert param_kind("model.layers.2.mlp.shared_expert.down_proj.lora_A.weight") == "adapter"
     assert param_kind("model.layers.2.mlp.down_proj.weight") == "rest"  # a dense layer's MLP
+
+
+def test_plot_shows_degrouping_of_a_fine_grained_run(fine, corpus, tmp_path):  # noqa: F811
+    from upcycle.train.plot import plot_run
+
+    train(recipe(fine, corpus, tmp_path / "run", max_steps=2))
+    paths = plot_run(str(tmp_path / "run"))
+    import matplotlib.image
+
+    summary = matplotlib.image.imread(next(p for p in paths if p.endswith("routing_summary.png")))
+    assert summary.shape[0] == 1000  # 10 in at 100 dpi: four panels, the fourth the de-grouped share

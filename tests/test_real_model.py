@@ -90,7 +90,8 @@ def test_fine_grained_upcycle_of_smollm2_is_the_dense_model(dense_and_tokenizer,
     ids = tok(_sonnets(), return_tensors="pt")["input_ids"][:, :256].repeat(2, 1)
     with torch.no_grad():
         want = dense(ids).logits
-    for backend in ("loop", "grouped_mm"):
+    # The loop reference once (it is slow on 32 experts); grouped_mm, the CPU default, on both.
+    for backend in ("loop", "grouped_mm") if case == "E8G4" else ("grouped_mm",):
         moe = upcycle.load(str(fine_grained_dirs / case), experts_backend=backend)
         with torch.no_grad():
             torch.testing.assert_close(moe(ids).logits, want, **REAL_MODEL_FP32)

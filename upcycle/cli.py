@@ -135,7 +135,8 @@ def _convert(a) -> None:
                 f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}{tag}")
     # --experts counts copies of the MLP; the config counts experts as the router sees them (E*G).
     top_k = a.top_k if a.top_k is not None else (G if G > 1 else 2)
-    moe = MoEConfig(num_experts=a.experts * G, granularity=G, routing=a.routing, top_k=top_k, normalize_topk=not a.no_normalize,
+    moe = MoEConfig(num_experts=a.experts * G, granularity=G, routing=a.routing, top_k=top_k,
+                    normalize_topk=not a.no_normalize,
                     topk_capacity_factor=a.capacity_factor, capacity=2.0 if a.capacity is None else a.capacity,
                     ec_group=a.ec_group or "position",
                     aux_loss_weight=a.aux_loss_weight, z_loss_weight=a.z_loss_weight)

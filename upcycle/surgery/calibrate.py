@@ -125,7 +125,8 @@ def _fill_from(src, names: set[str], prefix: str, module: nn.Module):
 
 
 @torch.no_grad()
-def neuron_scores(src, spec: ArchSpec, layer_ids: list[int], ids_NS: Tensor, progress: bool = True) -> dict[int, Tensor]:
+def neuron_scores(src, spec: ArchSpec, layer_ids: list[int], ids_NS: Tensor,
+                  progress: bool = True) -> dict[int, Tensor]:
     """float64 [F] per layer in ``layer_ids``: ``mean_t |h_i| * ||W_down[:, i]||`` (module docstring)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

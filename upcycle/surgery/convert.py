@@ -231,8 +231,9 @@ def _produce(src: Source, plan: _Plan, out_spec: TensorSpec, recipe: tuple, cach
         cache.clear()  # one layer's dense MLP in memory at a time
         mp = spec.mlp_prefix(layer)
         biases = dense_biases(src, spec.form, mp) if spec.form.bias else (None, None)
-        cache[layer] = ExpertMaker(cfg, layer, plan.widths, plan.shared_idx.get(layer, torch.zeros(0, dtype=torch.long)),
-                                   *dense_weights(src, spec.form, mp), *biases, gated=spec.form.gated)
+        shared_idx = plan.shared_idx.get(layer, torch.zeros(0, dtype=torch.long))
+        cache[layer] = ExpertMaker(cfg, layer, plan.widths, shared_idx, *dense_weights(src, spec.form, mp), *biases,
+                                   gated=spec.form.gated)
     maker = cache[layer]
     if kind == "shared":
         emit(out_spec.name, maker.shared(part, dtype))
