@@ -69,3 +69,32 @@ def test_generate_with_chat_template_matches_dense(dense_and_tokenizer, upcycled
                  "--max-new-tokens", "12"]) == 0
     got = capsys.readouterr().out.strip()
     assert got == want.strip() and len(got) > 0
+
+
+@pytest.fixture(scope="module")
+def fine_grained_dirs(tmp_path_factory):
+    """SmolLM2 with its last 6 MLPs as 8 copies x 4 segments (top-4), without and with a shared expert."""
+    root = tmp_path_factory.mktemp("fine")
+    for name, extra in (("E8G4", {}), ("E8G4-shared", dict(shared_fraction=0.25, calibration_tokens=1024))):
+        upcycle.convert(ConvertConfig(out=str(root / name), layers=6, progress=False,
+                                      moe=MoEConfig(num_experts=32, granularity=4, top_k=4), **extra))
+    return root
+
+
+@pytest.mark.parametrize("case", ["E8G4", "E8G4-shared"])
+def test_fine_grained_upcycle_of_smollm2_is_the_dense_model(dense_and_tokenizer, fine_grained_dirs, case):
+    from upcycle.inference import generate
+    from upcycle.moe import routing_stats
+
+    dense, tok = dense_and_tokenizer
+    ids = tok(_sonnets(), return_tensors="pt")["input_ids"][:, :256].repeat(2, 1)
+    with torch.no_grad():
+        want = dense(ids).logits
+    # The loop reference once (it is slow on 32 experts); grouped_mm, the CPU default, on both.
+    for backend in ("loop", "grouped_mm") if case == "E8G4" else ("grouped_mm",):
+        moe = upcycle.load(str(fine_grained_dirs / case), experts_backend=backend)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, want, **REAL_MODEL_FP32)
+        assert all(s.degrouped_fraction == 0.0 for s in routing_stats(moe).values())  # whole copies, every token
+    prompt = "What is the capital of France?"
+    assert generate(moe, tok, prompt, max_new_tokens=16) == generate(dense, tok, prompt, max_new_tokens=16)

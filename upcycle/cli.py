@@ -65,9 +65,14 @@ def _add_convert(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--layers", type=int, help="upcycle the last N MLPs")
     g.add_argument("--layer-ids", type=_int_list, help="upcycle these layers, e.g. 3,7,11")
-    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
+    p.add_argument("--experts", type=int, default=8, help="copies of the MLP per MoE layer (default 8)")
+    p.add_argument("--granularity", type=int, default=1, help=(
+        "fine-grained upcycling: cut each copy into G segments, E*G experts of width F/G "
+        "(default 1: every expert a whole copy)"))
     p.add_argument("--routing", choices=list(typing.get_args(RoutingName)), default="topk")
-    p.add_argument("--top-k", type=int, default=None, help="K for top-K routing (default 2)")
+    p.add_argument("--top-k", type=int, default=None, help=(
+        "experts per token; a multiple of G (default 2, or G with --granularity G: one copy's worth, the dense "
+        "model's FLOPs)"))
     p.add_argument("--no-normalize", action="store_true", help="top-K: keep raw softmax combine weights")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="top-K: cap each expert at ceil(c*n*K/E) tokens and drop the rest (default: dropless)")
@@ -80,6 +85,18 @@ def _add_convert(sub) -> None:
     p.add_argument("--reinit-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of FFN units re-drawn")
     p.add_argument("--router-std", type=float, default=0.02, help="router init std (default 0.02)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--permute-copies", action="store_true",
+                   help="with --granularity: each copy's neurons in its own seeded random order before it is cut")
+    shared = p.add_mutually_exclusive_group()
+    shared.add_argument("--shared-fraction", type=float, default=None,
+                        help="this share of each MLP's neurons becomes one always-on shared expert (0 < f < 1)")
+    shared.add_argument("--shared-neurons", type=int, default=None, help="the shared expert's width, in neurons")
+    p.add_argument("--shared-selection", choices=["activation", "random"], default=None, help=(
+        "which neurons are shared: activation (default: the largest mean contribution on --calibration text) "
+        "or random (seeded)"))
+    p.add_argument("--calibration", default=None,
+                   help="text for --shared-selection activation: shakespeare (default, embedded) or a UTF-8 file")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="calibration tokens (default 4096)")
     _add_output_flags(p)
     p.set_defaults(func=_convert)
 
@@ -104,26 +121,53 @@ def _convert(a) -> None:
         if value is not None and field not in own:
             hint = " (top-K's capacity is --capacity-factor)" if field == "capacity" else ""
             raise UpcycleError(f"{_ROUTING_FLAGS[field]} does not apply to --routing {a.routing}{hint}")
+    shared = a.shared_fraction is not None or a.shared_neurons is not None
+    for flag, value in (("--shared-selection", a.shared_selection), ("--calibration", a.calibration),
+                        ("--calibration-tokens", a.calibration_tokens)):
+        if value is not None and not shared:
+            raise UpcycleError(f"{flag} applies to a shared expert: add --shared-fraction or --shared-neurons")
+    if a.granularity < 1:
+        raise UpcycleError(f"--granularity must be at least 1, got {a.granularity}")
+    G = a.granularity
+    tag = (f"G{G}" if G > 1 else "") + ("S" if shared else "")
     out = a.out or os.path.join(
         "runs", f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', os.path.basename(a.model.rstrip('/')))}"
-                f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}")
-    moe = MoEConfig(num_experts=a.experts, routing=a.routing, top_k=2 if a.top_k is None else a.top_k, normalize_topk=not a.no_normalize,
+                f"-L{a.layers if a.layers is not None else '-'.join(map(str, a.layer_ids))}-E{a.experts}{tag}")
+    # --experts counts copies of the MLP; the config counts experts as the router sees them (E*G).
+    top_k = a.top_k if a.top_k is not None else (G if G > 1 else 2)
+    moe = MoEConfig(num_experts=a.experts * G, granularity=G, routing=a.routing, top_k=top_k,
+                    normalize_topk=not a.no_normalize,
                     topk_capacity_factor=a.capacity_factor, capacity=2.0 if a.capacity is None else a.capacity,
                     ec_group=a.ec_group or "position",
                     aux_loss_weight=a.aux_loss_weight, z_loss_weight=a.z_loss_weight)
     cfg = ConvertConfig(out=out, model=a.model, layers=a.layers, layer_ids=a.layer_ids, moe=moe,
                         expert_noise=a.expert_noise, reinit_ratio=a.reinit_ratio, router_std=a.router_std,
                         seed=a.seed, dtype=a.dtype, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
-                        progress=not a.no_progress)
+                        progress=not a.no_progress, permute_copies=a.permute_copies,
+                        shared_fraction=a.shared_fraction, shared_neurons=a.shared_neurons,
+                        shared_selection=a.shared_selection or "activation", calibration=a.calibration or "shakespeare",
+                        calibration_tokens=4096 if a.calibration_tokens is None else a.calibration_tokens)
     r = convert(cfg)
+    w = r.widths
     summary = {"out": r.out, "layer_ids": r.layer_ids, "experts": r.num_experts, "gigabytes": r.bytes_written / 1e9,
-               "seconds": r.seconds, "mb_per_s": r.mb_per_s, "peak_rss_mb": r.peak_rss_mb}
+               "seconds": r.seconds, "mb_per_s": r.mb_per_s, "peak_rss_mb": r.peak_rss_mb,
+               "copies": a.experts, "granularity": G, "top_k": top_k, "expert_ffn_size": w.expert,
+               "shared_ffn_size": w.shared, "padding_neurons": w.padding, "shared_score_share": r.shared_score_share}
     if a.json:
         print(json.dumps(summary))
         return
-    print(f"wrote {r.out}: layers {','.join(map(str, r.layer_ids))} -> {r.num_experts} experts, "
+    experts = f"{r.num_experts} experts"
+    if G > 1 or w.shared:
+        experts = (f"{a.experts} copies x {G} segments = {r.num_experts} experts of {w.expert} neurons"
+                   + (f" ({w.padding} zero per copy)" if w.padding else "")
+                   + (f" + a shared expert of {w.shared}" if w.shared else "") + f", top-{top_k}")
+    print(f"wrote {r.out}: layers {','.join(map(str, r.layer_ids))} -> {experts}, "
           f"{r.bytes_written / 1e9:.2f} GB in {r.seconds:.1f} s ({r.mb_per_s:.0f} MB/s), "
           f"peak memory {r.peak_rss_mb:.0f} MB")
+    if r.shared_score_share:
+        shares = list(r.shared_score_share.values())
+        print(f"shared expert: the {w.shared} of {w.dense} neurons most active on the calibration text, holding "
+              f"{min(shares):.1%}-{max(shares):.1%} of the MLPs' mean output contribution")
 
 
 def _add_inspect(sub) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 from upcycle.errors import UpcycleError
 
 RoutingName = Literal["topk", "expert-choice"]
+SharedSelection = Literal["activation", "random"]
+"""How the shared expert's neurons are chosen (``ConvertConfig.shared_selection``)."""
 """Routing schemes by name (each one an object in ``upcycle.moe.schemes``)."""
 ECGroup = Literal["position", "sequence"]
 
@@ -27,11 +29,13 @@ class MoEConfig:
     """How one MoE layer routes tokens. Stored in the checkpoint; read by the MoE block."""
 
     num_experts: int
-    """E, experts per MoE layer (>= 2)."""
+    """Experts per MoE layer, as the router sees them (>= 2). A fine-grained upcycle has E·G: E copies
+    of the dense MLP, each split into ``granularity`` G segments."""
     routing: RoutingName = "topk"
     """``topk``: each token picks K experts. ``expert-choice``: each expert picks T tokens."""
     top_k: int = 2
-    """K for top-K routing (1 <= K <= E)."""
+    """Experts each token picks (top-K routing; 1 <= K <= ``num_experts``). Counts experts, as every
+    MoE config does: a fine-grained upcycle picks K·G segments for K copies' worth."""
     normalize_topk: bool = True
     """Renormalise the K combine weights to sum to 1 (makes a fresh upcycle exact)."""
     topk_capacity_factor: float | None = None
@@ -48,8 +52,22 @@ class MoEConfig:
     """Weight of the Switch load-balancing loss (top-K)."""
     z_loss_weight: float = 0.001
     """Weight of the router z-loss (mean squared logsumexp of the router logits)."""
+    granularity: int = 1
+    """G, segments per copy of the dense MLP (fine-grained upcycling, He et al. 2024): expert j is
+    segment j % G of copy j // G. Describes how the experts were made (the routing itself is plain
+    top-K over ``num_experts``); statistics report routing per copy with it. 1: every expert a whole copy."""
+
+    @property
+    def num_copies(self) -> int:
+        """E: copies of the dense MLP (``num_experts`` // ``granularity``)."""
+        return self.num_experts // self.granularity
 
     def validate(self) -> None:
+        if not (isinstance(self.granularity, int) and self.granularity >= 1):
+            raise UpcycleError(f"--granularity must be a positive integer, got {self.granularity!r}")
+        if self.num_experts % self.granularity:
+            raise UpcycleError(f"num_experts ({self.num_experts}) must be a multiple of the granularity "
+                               f"({self.granularity}): experts are G segments of each copy")
         if self.num_experts < 2:
             raise UpcycleError(f"--experts must be at least 2, got {self.num_experts}")
         if self.routing not in typing.get_args(RoutingName):
@@ -93,7 +111,25 @@ class ConvertConfig:
     router_std: float = 0.02
     """Router weights ~ N(0, router_std)."""
     seed: int = 0
-    """Seed for the router, the noise and the re-initialisation."""
+    """Seed for the router, the noise, the re-initialisation, the copies' permutations and a random shared set."""
+    permute_copies: bool = False
+    """Fine-grained: each copy's routed neurons get their own seeded random order before the copy is
+    split into ``moe.granularity`` segments, so segment g of two copies holds different neurons
+    (diversity as Qwen's recipe seeks, and still exact: a copy's segments are always chosen together)."""
+    shared_fraction: float | None = None
+    """Share of each MLP's neurons that become one always-on shared expert (0 < f < 1), the rest routed.
+    Rounded so that the routed width splits into segments that are multiples of 8 neurons where the MLP
+    allows (the exact count is recorded). Exclusive with ``shared_neurons``; None: no shared expert."""
+    shared_neurons: int | None = None
+    """The shared expert's width in neurons, exactly (1 <= N <= F - G)."""
+    shared_selection: SharedSelection = "activation"
+    """``activation``: the neurons whose mean contribution |h_i| * ||down[:, i]|| over ``calibration``
+    is largest in the dense model (the ones every token leans on); ``random``: a seeded random set."""
+    calibration: str = "shakespeare"
+    """Text the ``activation`` selection runs through the dense model: ``shakespeare`` (the embedded
+    plays, held-out ones excluded) or a UTF-8 text file."""
+    calibration_tokens: int = 4096
+    """Tokens of ``calibration`` to run (one pass, streamed layer by layer)."""
     dtype: str | None = None
     """Stored precision: float32, bfloat16 or float16; None keeps the source's."""
     overwrite: bool = False

@@ -89,16 +89,29 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, seq_l
 
 
 def routing_table(routing: dict[str, dict]) -> str:
-    """Per MoE layer: expert load spread, unrouted / dropped tokens, router entropy."""
+    """Per MoE layer: expert load spread, unrouted / dropped tokens, router entropy; with fine-grained experts
+    (granularity G > 1) also per copy: its load spread, copies per token, and de-grouped tokens (a token's
+    K choices spanning more than K / G copies)."""
+    grouped = any(s.get("granularity", 1) > 1 for s in routing.values())
     rows = []
     for name, s in routing.items():
         loads = s["tokens_per_expert"]
+        G = s.get("granularity", 1)
         share = [100 * c / max(1, s["num_assignments"]) for c in loads]
-        rows.append([name.removesuffix(".mlp"), len(loads), f"{min(share):.1f} / {max(share):.1f}",
-                     sum(c == 0 for c in loads), f"{100 * s['unrouted_fraction']:.1f}",
-                     f"{100 * s['dropped_fraction']:.1f}", f"{s['entropy']:.3f} / {math.log(len(loads)):.3f}"])
-    return format_table(["layer", "experts", "load % min / max", "idle experts", "unrouted %", "dropped %",
-                         "entropy / log E"], rows)
+        row = [name.removesuffix(".mlp"), f"{len(loads)}" + (f" ({len(loads) // G}x{G})" if G > 1 else ""),
+               f"{min(share):.1f} / {max(share):.1f}", sum(c == 0 for c in loads)]
+        if grouped:
+            copies = [sum(share[c:c + G]) for c in range(0, len(share), G)]
+            row += [f"{min(copies):.1f} / {max(copies):.1f}",
+                    "-" if s.get("copies_per_token") is None else f"{s['copies_per_token']:.2f}",
+                    "-" if s.get("degrouped_fraction") is None else f"{100 * s['degrouped_fraction']:.2f}"]
+        row += [f"{100 * s['unrouted_fraction']:.1f}", f"{100 * s['dropped_fraction']:.1f}",
+                f"{s['entropy']:.3f} / {math.log(len(loads)):.3f}"]
+        rows.append(row)
+    head = ["layer", "experts", "load % min / max", "idle experts"]
+    if grouped:
+        head += ["copy load % min / max", "copies / token", "de-grouped %"]
+    return format_table(head + ["unrouted %", "dropped %", "entropy / log E"], rows)
 
 
 @torch.no_grad()

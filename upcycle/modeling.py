@@ -51,7 +51,8 @@ def install_moe_blocks(model, config, backend: str = "auto") -> None:
         weight = next(old.parameters())
         block = MoEBlock(
             moe_cfg, mlp["hidden_size"], mlp["ffn_size"], gated=mlp["gated"], activation=mlp["activation"],
-            bias=mlp["bias"], backend=backend, dtype=weight.dtype, device=weight.device,
+            bias=mlp["bias"], shared_ffn_size=mlp.get("shared_ffn_size", 0),  # absent: written before shared experts
+            backend=backend, dtype=weight.dtype, device=weight.device,
         )
         setattr(layers[i], mlp_name, block)
     use_attention_mask(model)

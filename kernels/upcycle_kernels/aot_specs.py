@@ -7,8 +7,10 @@ A specialisation is what makes triton compile a new binary: the constexprs a lau
 (``launch.py``, ``nf4.py``), the dtypes behind its pointers, and which integer arguments are
 1 (a unit stride becomes a constant) or multiples of 16 (a divisibility hint, which lets
 loads vectorise). The argument values below are built the way the launchers build them,
-from tensors of a Llama-3-8B-like layer (every size a multiple of 16) or, once per kernel,
-of sizes that are not (``ragged``). ``tests/test_aot.py`` records every launch the CPU
+from tensors of a Llama-3-8B-like layer (every size a multiple of 16), once per kernel of
+sizes that are not (``ragged``), and once of a fine-grained upcycle's (``fine``: 256 experts of
+64 neurons, each copy of the MLP cut into segments: the smallest width and most experts
+``upcycle convert --granularity`` is meant for). ``tests/test_aot.py`` records every launch the CPU
 tests make and checks it against this list, so the two cannot drift apart.
 
 Shape legend: see ``grouped_gemm.py``.
@@ -34,6 +36,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 _DTYPES = {name: dt for dt, name in DTYPE_NAMES.items()}
 ALIGNED = dict(T=16384, D=4096, F=14336, E=8)
 RAGGED = dict(T=1000, D=1000, F=1000, E=8)
+FINE = dict(T=16384, D=4096, F=64, E=256)
+SHAPES = {"aligned": ALIGNED, "ragged": RAGGED, "fine": FINE}
 
 
 _FLAG_WORDS = {"GATED": ("gated", "plain"), "HAS_BIAS": ("bias", "no-bias"), "SAVE_Z": ("save-z", "no-z"),
@@ -224,7 +228,7 @@ def _domain(kernel):
               for p in launch.precisions(dt)]
     acts = sorted(set(ACTIVATIONS.values()))
     tiles = sorted(launch.ROW_TILE_HEIGHTS, reverse=True)
-    shape = ["aligned", "ragged"]
+    shape = list(SHAPES)
     weights = list(WEIGHTS)
     if kernel == "up":
         return dict(dtype=dtypes, GATED=[True, False], BLOCK_M=tiles, ACT=acts, HAS_BIAS=[False, True],
@@ -256,8 +260,9 @@ def _swept(kernel, name, value) -> bool:
 
 
 def _build(kernel, choice, all_configs):
-    shape = ALIGNED if choice.get("shape", "aligned") == "aligned" else RAGGED
-    tags = ("ragged",) if shape is RAGGED else ()
+    name = choice.get("shape", "aligned")
+    shape = SHAPES[name]
+    tags = (name,) if name != "aligned" else ()
     dt, prec = choice["dtype"]
     if kernel == "nf4":
         ptrs, ints = _nf4(dt, choice["DOUBLE_QUANT"], shape)

@@ -38,7 +38,8 @@ class LoraConfig:
     use shell wildcards (``layers.1*.self_attn.?_proj``). A single string is a regular
     expression that must match the whole qualified name (PEFT's rule for strings)."""
     experts: bool = True
-    """LoRA on the stacked experts of every MoE layer (per-expert A and B on both projections)."""
+    """LoRA on the stacked experts of every MoE layer (per-expert A and B on both projections), and on
+    the projections of its shared expert if it has one (Linear LoRA, like ``target_modules``)."""
     train_router: bool = False
     """Train the MoE routers fully (saved with the adapter, like PEFT's ``modules_to_save``)."""
     shared_base: bool | str = "auto"

@@ -1,7 +1,7 @@
 """Put LoRA on a model, like PEFT's ``get_peft_model``, and take it off again.
 
     model = upcycle.load("runs/smollm2-moe")
-    apply_lora(model, LoraConfig(r=8, alpha=16))      # q/k/v/o + every MoE layer's experts
+    apply_lora(model, LoraConfig(r=8, alpha=16))      # q/k/v/o + every MoE layer's experts (and shared expert)
     print(trainable_summary(model))
     ...train...
     merge_and_unload(model)                           # plain model again, updates merged in
@@ -113,6 +113,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
     for block in blocks.values():
         if cfg.experts:
             block.experts = LoraExperts(block.experts, **kw)
+            _wrap_shared_expert(block, kw)
         if cfg.train_router:
             block.router.requires_grad_(True)
     for name, m in lora_modules(model).items():
@@ -120,6 +121,19 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | None = None) -> nn.Module:
             raise UpcycleError(f"LoRA module {name} has no trainable parameters")
     setattr(model, CONFIG_ATTR, cfg)
     return model
+
+
+def _wrap_shared_expert(block: MoEBlock, kw: dict) -> None:
+    """LoRA on the shared expert's projections too: they are the MoE layer's always-on expert, and
+    Linear layers (plain or NF4), so the Linear wrapper serves. Ones ``target_modules`` already named
+    keep that adapter."""
+    shared = block.shared_expert
+    if shared is None:
+        return
+    for name, proj in list(shared.named_children()):
+        wrapper = next((w for t, w in LORA_WRAPPERS.items() if type(proj) is t), None)
+        if wrapper is not None:
+            setattr(shared, name, wrapper(proj, **kw))
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -114,6 +114,8 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
     linears = [n for n, m in wrapped.items() if not isinstance(m, LoraExperts)]
     experts = {n: m for n, m in wrapped.items() if isinstance(m, LoraExperts)}
     plain = isinstance(cfg.target_modules, list) and not any(c in p for p in cfg.target_modules for c in "*?[")
+    # A shared expert's projections get LoRA with the experts (not through target_modules): PEFT must name them.
+    plain = plain and all(any(n == p or n.endswith("." + p) for p in cfg.target_modules) for n in linears)
     # PEFT matches a list by name suffix exactly as we do; anything else becomes the exact names.
     targets = list(cfg.target_modules) if plain else "(" + "|".join(re.escape(n) for n in linears) + ")"
     target_parameters = None

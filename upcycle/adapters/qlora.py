@@ -41,6 +41,7 @@ from upcycle.adapters.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_range
 from upcycle.errors import UpcycleError
 from upcycle.moe.compute import ExpertWeights, QuantizedWeight
 from upcycle.moe.experts import DerivedExpertWeights, ExpertsBase
+from upcycle.moe.shared_expert import SharedExpert
 
 __all__ = ["DEFAULT_TARGETS", "NF4Linear", "NF4StackedExperts", "default_compute_dtype", "experts_identical",
            "quantize_model"]
@@ -325,7 +326,8 @@ def _matches(name: str, targets) -> bool:
 def quantize_model(model: nn.Module, *, targets=DEFAULT_TARGETS, experts: bool = True,
                    shared_base: bool | str = "auto", blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None) -> dict:
-    """Replace target ``nn.Linear``s (by last name component) and every ``StackedExperts`` by NF4, in place.
+    """Replace target ``nn.Linear``s (by last name component) and every ``StackedExperts`` by NF4, in place;
+    with ``experts``, also the projections of every shared expert (``SharedExpert``).
 
     Returns a memory report (bytes of the quantised weights only; biases, norms, embeddings
     unchanged): ``bytes_before`` / ``bytes_after`` in all and per kind, and
@@ -341,7 +343,9 @@ def quantize_model(model: nn.Module, *, targets=DEFAULT_TARGETS, experts: bool =
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if type(module) is nn.Linear and _matches(name, targets):
+        # A shared expert's projections are the MoE layer's always-on expert: quantised with the experts.
+        in_shared_expert = experts and isinstance(parent, SharedExpert)
+        if type(module) is nn.Linear and (_matches(name, targets) or in_shared_expert):
             new = NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant,
                                         compute_dtype=compute_dtype)
             rep["num_linear"] += 1

@@ -88,7 +88,7 @@ def describe(path: str) -> dict:
     up = raw.get("upcycle")
     if up:
         try:
-            info.update(_describe_moe(up, shapes, total))
+            info.update(_describe_moe(up, shapes, total, raw))
         except (KeyError, TypeError, ValueError, UpcycleError) as e:
             raise UpcycleError(f"{path}/config.json has a malformed 'upcycle' section ({type(e).__name__}: {e})") from None
     else:
@@ -118,22 +118,61 @@ def _describe_stock_moe(raw: dict, shapes: dict, total: int) -> dict:
             "experts_per_token": K}
 
 
-def _describe_moe(up: dict, shapes: dict, total: int) -> dict:
-    """The MoE lines of ``describe``: layers, experts, routing, active parameters per token."""
-    scheme = routing_scheme(from_dict(MoEConfig, up["moe"], "config.upcycle.moe"))
-    E = scheme.cfg.num_experts
+# Input-embedding tables: a lookup per token, no multiply (a tied output head is counted apart).
+_LOOKUP_TABLES = ("embed_tokens.weight", "wte.weight", "wpe.weight", "embed_in.weight", "embed_positions.weight")
+
+
+def _describe_moe(up: dict, shapes: dict, total: int, raw: dict) -> dict:
+    """The MoE lines of ``describe``: layers, experts, routing, active parameters and FLOPs per token,
+    each also as a ratio to the dense source (its MLPs in place of the MoE layers)."""
+    moe = from_dict(MoEConfig, up["moe"], "config.upcycle.moe")
+    scheme = routing_scheme(moe)
+    E, G = moe.num_experts, moe.granularity
     per_token = scheme.experts_per_token
     inactive = sum(math.prod(shape) * (E - per_token) / E for k, (shape, _) in shapes.items() if ".experts." in k)
+    active = total - inactive
+    # The dense model: each MoE layer's router, experts and shared expert give way to one MLP of F neurons.
+    mlp = up["mlp"]
+    D, F = mlp["hidden_size"], mlp.get("dense_ffn_size", mlp["ffn_size"])
+    M = 2 * F if mlp["gated"] else F
+    dense_mlp = M * D + D * F + ((M + D) if mlp["bias"] else 0)
+    moe_prefixes = tuple(f"{up['layers']}.{i}.{up['mlp_name']}." for i in up["layer_ids"]) if "layers" in up else ()
+    moe_params = sum(math.prod(s) for k, (s, _) in shapes.items() if k.startswith(moe_prefixes))
+    n_moe = len(up["layer_ids"])
+    dense_total = total - moe_params + n_moe * dense_mlp
+    # FLOPs per token: 2 per weight a token is multiplied with (attention over the context, the same in
+    # both models, left out); embedding lookups are free, a tied output head is a matmul.
+    lookup = sum(math.prod(s) for k, (s, _) in shapes.items() if k.endswith(_LOOKUP_TABLES))
+    head = 0
+    if raw.get("tie_word_embeddings", True) and not any(k.endswith("lm_head.weight") for k in shapes):
+        head = raw.get("vocab_size", 0) * raw.get("hidden_size", 0)
+    flops = 2 * (active - lookup + head)
+    dense_flops = 2 * (dense_total - lookup + head)
     settings = {f: None for f in ROUTING_FIELDS}  # the other schemes' settings do not apply
     settings.update(scheme.settings())
-    return dict(
-        active_params_per_token=int(round(total - inactive)),
+    fine = G > 1 or mlp.get("shared_ffn_size", 0) > 0
+    out = dict(
+        active_params_per_token=int(round(active)),
         moe_layer_ids=up["layer_ids"],
         num_experts=E,
+        **({"num_copies": moe.num_copies, "granularity": G, "expert_ffn_size": mlp["ffn_size"],
+            "shared_ffn_size": mlp.get("shared_ffn_size", 0), "dense_ffn_size": F,
+            "padding_neurons": mlp.get("padding", 0)} if fine else {}),
         routing=scheme.name,
         **settings,
-        init=up["init"]["method"],
+        dense_params=int(dense_total),
+        params_vs_dense=round(total / dense_total, 4),
+        active_vs_dense=round(active / dense_total, 4) if moe_prefixes else None,
+        flops_per_token=int(round(flops)),
+        dense_flops_per_token=int(round(dense_flops)),
+        flops_vs_dense=round(flops / dense_flops, 4) if moe_prefixes and dense_flops else None,
+        init=up["init"]["method"] + (", permuted copies" if up["init"].get("permute_copies") else ""),
+        shared_selection=(up.get("shared") or {}).get("selection"),
         source=up["source"]["model"],
         source_fingerprint=up["source"]["fingerprint"],
         upcycle_version=up["version"],
     )
+    if not moe_prefixes:  # a section written before it recorded where the layers are: no per-layer sums
+        for k in ("dense_params", "params_vs_dense", "dense_flops_per_token"):
+            out[k] = None
+    return out

@@ -3,7 +3,8 @@
 * ``routing`` (functions) and ``schemes`` (one object per scheme: route, aux losses, warnings)
 * ``backends`` (which experts backend runs) and ``compute`` (``experts_forward``: the math, once)
 * ``experts`` (weight storage: ``ExpertsBase``, ``StackedExperts``), ``block`` (``MoEBlock`` and
-  helpers over every block of a model), ``stats`` (routing statistics)
+  helpers over every block of a model), ``shared_expert`` (the always-on ``SharedExpert``), ``stats``
+  (routing statistics, per copy too for fine-grained experts)
 """
 
 from upcycle.moe.backends import EXPERT_BACKENDS, grouped_mm_unsupported, resolve_backend, triton_unsupported
@@ -29,7 +30,8 @@ from upcycle.moe.schemes import (
     routing_scheme,
     scheme_class,
 )
-from upcycle.moe.stats import RoutingStats, probs_entropy, summarize_routing
+from upcycle.moe.shared_expert import SharedExpert
+from upcycle.moe.stats import RoutingStats, copies_per_token, probs_entropy, summarize_routing
 
 __all__ = [
     "EXPERT_BACKENDS",
@@ -44,10 +46,12 @@ __all__ = [
     "Routing",
     "RoutingScheme",
     "RoutingStats",
+    "SharedExpert",
     "SEQUENCE_EC_WARNING",
     "StackedExperts",
     "TopKRouting",
     "aux_loss",
+    "copies_per_token",
     "expert_capacity",
     "experts_forward",
     "grad_contiguous",

@@ -2,7 +2,9 @@
 
 ``MoEBlock(hidden_states_BSD) -> [B, S, D]``, same dtype, like the dense MLP it replaces.
 Submodule names are the checkpoint contract: ``mlp.router.weight`` [E, D] and
-``mlp.experts.gate_up_proj`` / ``up_proj`` / ``down_proj`` (see ``experts.py``).
+``mlp.experts.gate_up_proj`` / ``up_proj`` / ``down_proj`` (see ``experts.py``), and with a shared
+expert ``mlp.shared_expert.gate_proj`` / ``up_proj`` / ``down_proj`` (see ``shared_expert.py``): a
+dense MLP every real token passes through with weight 1, added to the routed experts' output.
 
 Per forward it leaves behind ``aux_loss`` (the scheme's auxiliary losses, training only) and
 ``last_stats`` (a ``RoutingStats``, computed from detached tensors only when read, so
@@ -35,11 +37,13 @@ from upcycle.moe.compute import autocast_off
 from upcycle.moe.experts import StackedExperts
 from upcycle.moe.routing import Routing
 from upcycle.moe.schemes import routing_scheme
+from upcycle.moe.shared_expert import SharedExpert
 from upcycle.moe.stats import RoutingStats, summarize_routing
 
 
 class MoEBlock(nn.Module):
-    """Router + stacked experts, routed by the scheme ``cfg.routing`` names."""
+    """Router + stacked experts, routed by the scheme ``cfg.routing`` names, plus an optional shared expert
+    (``shared_ffn_size`` > 0)."""
 
     def __init__(
         self,
@@ -50,6 +54,7 @@ class MoEBlock(nn.Module):
         gated: bool,
         activation: str,
         bias: bool = False,
+        shared_ffn_size: int = 0,
         backend: str = "auto",
         dtype: torch.dtype | None = None,
         device=None,
@@ -64,6 +69,8 @@ class MoEBlock(nn.Module):
             cfg.num_experts, hidden_size, ffn_size, gated=gated, activation=activation, bias=bias,
             backend=backend, dtype=dtype, device=device,
         )
+        self.shared_expert = SharedExpert(hidden_size, shared_ffn_size, gated=gated, activation=activation, bias=bias,
+                                          dtype=dtype, device=device) if shared_ffn_size else None
         for message in self.scheme.build_warnings():
             warnings.warn(message, stacklevel=2)
         self.record_stats = True
@@ -85,7 +92,8 @@ class MoEBlock(nn.Module):
         return self._last_stats
 
     def extra_repr(self) -> str:
-        return f"{self.scheme!r}, num_experts={self.cfg.num_experts}"
+        g = f", granularity={self.cfg.granularity}" if self.cfg.granularity > 1 else ""
+        return f"{self.scheme!r}, num_experts={self.cfg.num_experts}{g}"
 
     def router_logits(self, x_BSD: Tensor) -> Tensor:
         """float32 [B, S, E] router logits of a [B, S, D] input, whatever autocast says.
@@ -129,11 +137,17 @@ class MoEBlock(nn.Module):
         # Extra leading dims fold into the batch; a 2-D input is a single sequence.
         x_BSD = hidden_states.reshape(-1, *shape[-2:])
         r = self.route(x_BSD, token_mask)
-        y_TD = self.experts(x_BSD.reshape(-1, self.hidden_size), r.token_idx_A, r.expert_idx_A, r.weight_A,
-                            expert_major=self.scheme.expert_major)
+        x_TD = x_BSD.reshape(-1, self.hidden_size)
+        y_TD = self.experts(x_TD, r.token_idx_A, r.expert_idx_A, r.weight_A, expert_major=self.scheme.expert_major)
+        if self.shared_expert is not None:
+            shared_TD = self.shared_expert(x_TD)
+            mask = self._mask_for(x_BSD, token_mask)
+            if mask is not None:  # a pad gets no expert, the shared one included
+                shared_TD = shared_TD * mask.reshape(-1, 1).to(shared_TD.dtype)
+            y_TD = y_TD + shared_TD
         self.aux_loss = self.scheme.aux_loss(r) if self.training else None
         self._last_stats = None
-        self._stats_summary = summarize_routing(r) if self.record_stats else None
+        self._stats_summary = summarize_routing(r, self.cfg.granularity) if self.record_stats else None
         return y_TD.view(shape)
 
 

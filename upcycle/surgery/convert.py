@@ -14,7 +14,6 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import resource
@@ -36,7 +35,9 @@ from upcycle.models.recorded import record_source
 from upcycle.models.sources import open_source
 from upcycle.moe.schemes import routing_scheme
 from upcycle.arch import ArchSpec, arch_spec, skeleton
+from upcycle.surgery.calibrate import choose_shared
 from upcycle.surgery.dense_mlp import check_layer, dense_biases, dense_weights, mlp_dims, resolve_form, source_names
+from upcycle.surgery.segments import ExpertMaker, Widths, generator, plan_widths, router_rows
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
 from upcycle.version import __version__
 
@@ -51,6 +52,10 @@ class ConvertResult:
     bytes_written: int
     seconds: float
     peak_rss_mb: float
+    widths: Widths | None = None
+    """How each MLP's neurons were dealt out (copies, segments, shared expert)."""
+    shared_score_share: dict | None = None
+    """Per layer, the share of the calibration score the shared expert's neurons hold (``activation`` selection)."""
 
     @property
     def mb_per_s(self) -> float:
@@ -77,7 +82,32 @@ def resolve_layer_ids(cfg: ConvertConfig, num_layers: int) -> list[int]:
 
 
 def _validate(cfg: ConvertConfig) -> None:
-    cfg.moe.validate()
+    moe = cfg.moe
+    G = moe.granularity
+    moe.validate()
+    if G > 1 and moe.routing != "topk":
+        # Expert choice ranks tokens per expert: the segments of a copy would not stay together.
+        raise UpcycleError(f"--granularity {G} needs --routing topk: fine-grained experts are exact only when "
+                           "each token takes its copy's segments together")
+    if moe.num_copies < 2:
+        raise UpcycleError(f"--experts must be at least 2 (copies of the MLP), got {moe.num_copies}")
+    if moe.routing == "topk" and moe.top_k % G:
+        raise UpcycleError(f"--top-k {moe.top_k} is not a multiple of --granularity {G}: top-K must take whole "
+                           f"copies (K = G per copy) for the upcycle to equal the dense model; "
+                           f"--top-k {G} has the dense model's FLOPs")
+    if cfg.permute_copies and G == 1:
+        raise UpcycleError("--permute-copies needs --granularity > 1: reordering a whole copy's neurons changes "
+                           "nothing (a permuted MLP is the same MLP)")
+    if cfg.shared_fraction is not None and cfg.shared_neurons is not None:
+        raise UpcycleError("give --shared-fraction or --shared-neurons, not both")
+    if cfg.shared_fraction is not None and not (math.isfinite(cfg.shared_fraction) and 0 < cfg.shared_fraction < 1):
+        raise UpcycleError(f"--shared-fraction must be between 0 and 1 (exclusive), got {cfg.shared_fraction}")
+    if cfg.shared_neurons is not None and cfg.shared_neurons < 1:
+        raise UpcycleError(f"--shared-neurons must be at least 1, got {cfg.shared_neurons}")
+    if cfg.shared_selection not in ("activation", "random"):
+        raise UpcycleError(f"--shared-selection must be activation or random, got {cfg.shared_selection!r}")
+    if cfg.calibration_tokens < 1:
+        raise UpcycleError(f"--calibration-tokens must be at least 1, got {cfg.calibration_tokens}")
     if not (cfg.expert_noise >= 0 and math.isfinite(cfg.expert_noise)):
         raise UpcycleError(f"--expert-noise must be >= 0, got {cfg.expert_noise}")
     if not 0 <= cfg.reinit_ratio <= 1:
@@ -116,12 +146,14 @@ class _Plan:
     def __init__(self, src: Source, spec: ArchSpec, layer_ids: list[int], cfg: ConvertConfig, dtype: torch.dtype):
         self.spec, self.cfg, self.dtype = spec, cfg, dtype
         self.moe_layers = set(layer_ids)
-        E = cfg.moe.num_experts
         form = spec.form
         names = src.tensor_names()
         present = set(names)
         self.outputs: list[tuple[TensorSpec, tuple]] = []  # (output spec, recipe)
         self.mlp_shapes: dict = {}
+        self.widths: Widths | None = None
+        self.shared_idx: dict[int, torch.Tensor] = {}
+        """Per layer, the shared expert's neurons (filled by ``convert`` before anything is written)."""
         done_layers: set[int] = set()
         for name in names:
             layer = self._moe_layer_of(name)
@@ -138,19 +170,38 @@ class _Plan:
             if missing:
                 raise UpcycleError(f"source has no tensor {missing[0]} (expected for a {spec.family} MLP)")
             D, F = mlp_dims(src, form, mp)
-            up_name = "gate_up_proj" if form.gated else "up_proj"
-            up_rows = 2 * F if form.gated else F
+            if self.widths is None:
+                self.widths = plan_widths(F, cfg.moe.granularity, cfg.shared_fraction, cfg.shared_neurons)
+            elif F != self.widths.dense:
+                raise UpcycleError(f"layer {layer}'s MLP has {F} neurons, the first upcycled layer's "
+                                   f"{self.widths.dense}: upcycled layers must share one MLP width")
             self.mlp_shapes[layer] = (D, F)
-            self.outputs.append((TensorSpec(f"{mp}.router.weight", (E, D), dtype), ("router", layer)))
-            self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}", (E, up_rows, D), dtype), ("up", layer)))
-            if form.bias:
-                self.outputs.append((TensorSpec(f"{mp}.experts.{up_name}_bias", (E, up_rows), dtype), ("up_bias", layer)))
-            self.outputs.append((TensorSpec(f"{mp}.experts.down_proj", (E, D, F), dtype), ("down", layer)))
-            if form.bias:
-                self.outputs.append((TensorSpec(f"{mp}.experts.down_proj_bias", (E, D), dtype), ("down_bias", layer)))
+            self._add_layer(mp, layer, D, dtype)
         if done_layers != self.moe_layers:
             missing = sorted(self.moe_layers - done_layers)
             raise UpcycleError(f"source has no MLP tensors for layer {missing[0]}")
+
+    def _add_layer(self, mp: str, layer: int, D: int, dtype: torch.dtype) -> None:
+        """The output tensors of MoE layer ``layer``: router, stacked experts, the shared expert's projections."""
+        form, E, w = self.spec.form, self.cfg.moe.num_experts, self.widths
+        up_name = "gate_up_proj" if form.gated else "up_proj"
+        up_rows = 2 * w.expert if form.gated else w.expert
+        out = [("router.weight", (E, D), "router", None),
+               (f"experts.{up_name}", (E, up_rows, D), "experts", "up"),
+               (f"experts.{up_name}_bias", (E, up_rows), "experts", "up_bias"),
+               ("experts.down_proj", (E, D, w.expert), "experts", "down"),
+               ("experts.down_proj_bias", (E, D), "experts", "down_bias")]
+        if w.shared:
+            # Qwen2-MoE's names and layout (nn.Linear [out, in]): the export maps them one to one.
+            parts = (["gate"] if form.gated else []) + ["up"]
+            out += [(f"shared_expert.{p}_proj.weight", (w.shared, D), "shared", p) for p in parts]
+            out += [(f"shared_expert.{p}_proj.bias", (w.shared,), "shared", f"{p}_bias") for p in parts]
+            out += [("shared_expert.down_proj.weight", (D, w.shared), "shared", "down"),
+                    ("shared_expert.down_proj.bias", (D,), "shared", "down_bias")]
+        for name, shape, kind, part in out:
+            if name.endswith("bias") and not form.bias:
+                continue
+            self.outputs.append((TensorSpec(f"{mp}.{name}", shape, dtype), (kind, (layer, part))))
 
     def _moe_layer_of(self, name: str) -> int | None:
         prefix = self.spec.layers_prefix + "."
@@ -163,49 +214,6 @@ class _Plan:
         return int(idx) if tail.startswith(self.spec.mlp_name + ".") else None
 
 
-def _generator(seed: int, layer: int, expert: int, what: int) -> torch.Generator:
-    """A generator seeded per (seed, layer, expert, tensor): results do not depend on write order."""
-    key = hashlib.sha256(f"{seed}/{layer}/{expert}/{what}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-
-
-class _ExpertFactory:
-    """Produces expert e of a layer: an exact copy, a noisy copy, or a Drop-Upcycling re-init."""
-
-    def __init__(self, cfg: ConvertConfig, layer: int, up_FD: torch.Tensor, down_DF: torch.Tensor):
-        self.cfg, self.layer = cfg, layer
-        self.up_FD, self.down_DF = up_FD, down_DF  # gated: up_FD is [2F, D] = cat(gate, up)
-
-    def _gen(self, expert: int, what: int) -> torch.Generator:
-        return _generator(self.cfg.seed, self.layer, expert, what)
-
-    def _drop_cols(self, expert: int, F: int) -> torch.Tensor | None:
-        if self.cfg.reinit_ratio <= 0:
-            return None
-        n = int(round(self.cfg.reinit_ratio * F))
-        return torch.randperm(F, generator=self._gen(expert, 0))[:n]
-
-    def make(self, expert: int, which: str, dtype: torch.dtype, gated: bool) -> torch.Tensor:
-        w = self.up_FD if which == "up" else self.down_DF
-        if self.cfg.expert_noise == 0 and self.cfg.reinit_ratio == 0:
-            return w.to(dtype)
-        w = w.float().clone()
-        F = self.down_DF.shape[1]
-        cols = self._drop_cols(expert, F)
-        if cols is not None and len(cols):
-            # Drop-Upcycling: re-draw the chosen FFN units from N(mean, std) of the original tensor.
-            if which == "up":
-                rows = torch.cat([cols, cols + F]) if gated else cols
-                new = torch.randn(len(rows), w.shape[1], generator=self._gen(expert, 1))
-                w[rows] = new * w.std() + w.mean()
-            else:
-                new = torch.randn(w.shape[0], len(cols), generator=self._gen(expert, 2))
-                w[:, cols] = new * w.std() + w.mean()
-        if self.cfg.expert_noise > 0:
-            w += self.cfg.expert_noise * torch.randn(w.shape, generator=self._gen(expert, 3 if which == "up" else 4))
-        return w.to(dtype)
-
-
 def _produce(src: Source, plan: _Plan, out_spec: TensorSpec, recipe: tuple, cache: dict, emit) -> None:
     """Emit the bytes of one output tensor through ``emit(name, part)``."""
     kind, arg = recipe
@@ -213,29 +221,32 @@ def _produce(src: Source, plan: _Plan, out_spec: TensorSpec, recipe: tuple, cach
     if kind == "copy":
         emit(out_spec.name, src.get_tensor(arg).to(out_spec.dtype))
         return
-    layer = arg
-    mp = spec.mlp_prefix(layer)
-    E = cfg.moe.num_experts
+    layer, part = arg
     if kind == "router":
-        g = _generator(cfg.seed, layer, -1, 0)
-        emit(out_spec.name, (torch.randn(out_spec.shape, generator=g) * cfg.router_std).to(dtype))
+        moe = cfg.moe
+        rows = router_rows(moe.num_copies, moe.granularity, out_spec.shape[1], cfg.router_std,
+                           generator(cfg.seed, layer, -1, 0))
+        emit(out_spec.name, rows.to(dtype))
         return
-    if kind in ("up", "down"):
-        if layer not in cache:
-            cache.clear()  # one layer's dense MLP in memory at a time
-            cache[layer] = _ExpertFactory(cfg, layer, *dense_weights(src, spec.form, mp))
-        factory = cache[layer]
-        for e in range(E):
-            emit(out_spec.name, factory.make(e, kind, dtype, spec.form.gated))
+    if layer not in cache:
+        cache.clear()  # one layer's dense MLP in memory at a time
+        mp = spec.mlp_prefix(layer)
+        biases = dense_biases(src, spec.form, mp) if spec.form.bias else (None, None)
+        shared_idx = plan.shared_idx.get(layer, torch.zeros(0, dtype=torch.long))
+        cache[layer] = ExpertMaker(cfg, layer, plan.widths, shared_idx, *dense_weights(src, spec.form, mp), *biases,
+                                   gated=spec.form.gated)
+    maker = cache[layer]
+    if kind == "shared":
+        emit(out_spec.name, maker.shared(part, dtype))
         return
-    # Biases are copied unchanged into every expert.
-    b = dense_biases(src, spec.form, mp)[0 if kind == "up_bias" else 1]
-    for _ in range(E):
-        emit(out_spec.name, b.to(dtype))
+    for j in range(cfg.moe.num_experts):
+        emit(out_spec.name, maker.expert(j, part, dtype))
 
 
-def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids, plan: _Plan) -> dict:
+def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids, plan: _Plan,
+                     shared: dict | None) -> dict:
     D, F = next(iter(plan.mlp_shapes.values()))
+    w = plan.widths
     init = "copy"
     if cfg.reinit_ratio > 0:
         init = "drop-upcycling"
@@ -248,10 +259,13 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
         "moe": asdict(cfg.moe),
         "layers": spec.layers_prefix,
         "mlp_name": spec.mlp_name,
-        "mlp": {"hidden_size": D, "ffn_size": F, "gated": spec.form.gated, "activation": spec.form.activation,
-                "bias": spec.form.bias},
+        # ffn_size: a routed expert's width (a segment's, padding included); dense_ffn_size: the source MLP's;
+        # shared_ffn_size: the always-on shared expert's (0: none). Checkpoints without the last two have neither.
+        "mlp": {"hidden_size": D, "ffn_size": w.expert, "gated": spec.form.gated, "activation": spec.form.activation,
+                "bias": spec.form.bias, "dense_ffn_size": F, "shared_ffn_size": w.shared, "padding": w.padding},
         "init": {"method": init, "expert_noise": cfg.expert_noise, "reinit_ratio": cfg.reinit_ratio,
-                 "router_std": cfg.router_std, "seed": cfg.seed},
+                 "router_std": cfg.router_std, "seed": cfg.seed, "permute_copies": cfg.permute_copies},
+        **({"shared": shared} if shared else {}),
         # Absolute (an alias or hub id as given): whatever reopens it checks the fingerprint (models/recorded.py).
         "source": {"model": record_source(src.spec), "kind": src.kind, "fingerprint": src.fingerprint},
     }
@@ -297,6 +311,9 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
         del model
         dtype = DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype
         plan = _Plan(src, spec, layer_ids, cfg, dtype)
+        shared = None
+        if plan.widths.shared:
+            plan.shared_idx, shared = choose_shared(src, spec, layer_ids, plan.widths, cfg)
         for message in routing_scheme(cfg.moe).convert_warnings():
             warnings.warn(message, stacklevel=2)
         shards = plan_shards([o for o, _ in plan.outputs], cfg.max_shard_size)
@@ -306,7 +323,7 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
             raise UpcycleError(
                 f"not enough free disk space in {parent}: need {total / 1e9:.2f} GB, have {free / 1e9:.2f} GB"
             )
-        section = _upcycle_section(src, spec, cfg, layer_ids, plan)
+        section = _upcycle_section(src, spec, cfg, layer_ids, plan, shared)
         recipes = dict((o.name, r) for o, r in plan.outputs)
         old_handler = signal.getsignal(signal.SIGTERM)
         # SIGTERM cleans up like Ctrl-C; kill -9 cannot, which is why config.json comes last.
@@ -333,4 +350,5 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
         finally:
             signal.signal(signal.SIGTERM, old_handler)
     return ConvertResult(out=cfg.out, layer_ids=layer_ids, num_experts=cfg.moe.num_experts, bytes_written=total,
-                         seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
+                         seconds=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb(), widths=plan.widths,
+                         shared_score_share=(shared or {}).get("score_share"))

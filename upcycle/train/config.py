@@ -45,7 +45,7 @@ class OptimConfig:
     router_lr: float | None = None
     """Peak learning rate of the MoE routers (None: ``lr``)."""
     experts_lr: float | None = None
-    """Peak learning rate of the MoE experts (None: ``lr``)."""
+    """Peak learning rate of the MoE experts, a shared expert included (None: ``lr``)."""
     adapter_lr: float | None = None
     """Peak learning rate of LoRA adapters (None: ``lr``)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -43,7 +43,8 @@ def param_kind(name: str) -> str:
         return "adapter"
     if ".router." in f".{name}":
         return "router"
-    if ".experts." in f".{name}":
+    # A shared expert is the MoE layer's always-on expert, made from the same dense MLP: the experts' rate.
+    if ".experts." in f".{name}" or ".shared_expert." in f".{name}":
         return "experts"
     return "rest"
 

@@ -195,11 +195,16 @@ def _routing_figure(train, layers, name):
 
 
 def _summary_figure(train, layers, name):
-    """load_min / load_max / load_entropy over steps, one line per MoE layer."""
+    """load_min / load_max / load_entropy (and, for fine-grained experts, the de-grouped share) over steps,
+    one line per MoE layer."""
     import matplotlib
 
     keys = [("load_min", "min load x E"), ("load_max", "max load x E"), ("load_entropy", "load entropy / log E")]
-    fig, axes = _new_figure(10, 8, len(keys))
+    # Fine-grained experts: the share of tokens whose choices span more copies than a whole-copy pick.
+    fine = any("degrouped" in st for layer in layers for _, st in _layer_rows(train, layer))
+    if fine:
+        keys.append(("degrouped", "de-grouped tokens"))
+    fig, axes = _new_figure(10, 8 + 2 * fine, len(keys))
     fig.suptitle(f"{name}: routing balance per layer")
     cmap = matplotlib.colormaps["viridis"]
     for i, layer in enumerate(layers):
@@ -210,7 +215,8 @@ def _summary_figure(train, layers, name):
             _line(ax, [p[0] for p in xy], [p[1] for p in xy], color=colour, lw=1, label=layer)
     for ax, (key, label) in zip(axes, keys):
         ax.set_ylabel(label, fontsize=8)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")  # the balanced value for all three
+        # The balanced value of the load curves; a fresh upcycle's (whole copies) of the de-grouped share.
+        ax.axhline(0.0 if key == "degrouped" else 1.0, color="grey", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
     if len(layers) <= LEGEND_MAX_LAYERS:
         axes[0].legend(fontsize=7, ncols=2)

@@ -5,7 +5,10 @@ processes): ``load`` (fraction of assignments per expert), ``load_min`` / ``load
 (times E: 1.0 is perfectly balanced), ``load_entropy`` (entropy of ``load`` / log E),
 ``dropped`` (assignments over capacity), ``unrouted`` (tokens with no expert), ``z`` (mean
 squared router logsumexp), ``router_entropy`` (mean per-token entropy, nats), and
-``dead_experts`` (experts that got no token in the window; a warning names them).
+``dead_experts`` (experts that got no token in the window; a warning names them). Fine-grained
+experts (granularity G > 1) add ``copy_load_min`` / ``copy_load_max`` (per copy of the dense MLP,
+times the number of copies), ``copies_per_token`` and ``degrouped`` (tokens whose K choices span
+more than K / G copies: how far the segments have come apart).
 
 ``metrics.jsonl``: one JSON object per line, ``{"type": "train" | "eval" | "meta", "step": ...}``.
 """
@@ -24,7 +27,7 @@ from upcycle.io import atomic_path
 from upcycle.moe.block import moe_blocks
 
 # Per layer and window: tokens-per-expert counts, then token-weighted sums of the fractions.
-_EXTRA = ("num_tokens", "dropped", "unrouted", "router_entropy", "z")
+_EXTRA = ("num_tokens", "dropped", "unrouted", "router_entropy", "z", "copies_per_token", "degrouped")
 
 
 class RoutingTelemetry:
@@ -38,6 +41,13 @@ class RoutingTelemetry:
         self.sums = torch.zeros(len(self.blocks), E + len(_EXTRA), dtype=torch.float64)
         self._warned: dict[str, set[int]] = {}
 
+    def restore(self, saved: torch.Tensor) -> None:
+        """Continue a logging window from a checkpoint's sums. Ones saved before the fine-grained
+        columns existed (two fewer extras, zero for every model then) are widened with zeros."""
+        if saved.shape[1] == self.sums.shape[1] - 2:
+            saved = torch.cat([saved, saved.new_zeros(saved.shape[0], 2)], dim=1)
+        self.sums.copy_(saved)
+
     def record(self) -> None:
         """Add the latest forward pass of every block (call after each training micro-batch)."""
         for i, block in enumerate(self.blocks.values()):
@@ -48,7 +58,8 @@ class RoutingTelemetry:
             E = len(s.tokens_per_expert)
             self.sums[i, :E] += torch.tensor(s.tokens_per_expert, dtype=torch.float64)
             self.sums[i, -len(_EXTRA):] += torch.tensor(
-                [n, s.dropped_fraction * n, s.unrouted_fraction * n, s.entropy * n, s.z * n], dtype=torch.float64)
+                [n, s.dropped_fraction * n, s.unrouted_fraction * n, s.entropy * n, s.z * n,
+                 (s.copies_per_token or 0.0) * n, (s.degrouped_fraction or 0.0) * n], dtype=torch.float64)
 
     def summary(self, all_sum) -> dict[str, dict]:
         """The window's statistics per layer (summed over processes with ``all_sum``), then reset."""
@@ -60,7 +71,7 @@ class RoutingTelemetry:
         for i, (name, block) in enumerate(zip(self.names, self.blocks.values())):
             E = block.cfg.num_experts
             counts = sums[i, :E]
-            n, dropped, unrouted, ent, z = sums[i, -len(_EXTRA):].tolist()
+            n, dropped, unrouted, ent, z, copies, degrouped = sums[i, -len(_EXTRA):].tolist()
             total = counts.sum().item()
             load = (counts / total).tolist() if total else [0.0] * E
             nonzero = [p for p in load if p > 0]
@@ -73,6 +84,12 @@ class RoutingTelemetry:
                 "router_entropy": ent / n if n else 0.0, "z": z / n if n else 0.0,
                 "dead_experts": len(dead),
             }
+            G = block.cfg.granularity
+            if G > 1 and block.cfg.routing == "topk":
+                copy_load = counts.view(-1, G).sum(1) / total if total else torch.zeros(E // G)
+                out[name].update(copy_load_min=copy_load.min().item() * (E // G),
+                                 copy_load_max=copy_load.max().item() * (E // G),
+                                 copies_per_token=copies / n if n else 0.0, degrouped=degrouped / n if n else 0.0)
             if total:
                 newly_dead[name] = sorted(set(dead) - self._warned.setdefault(name, set()))
                 self._warned[name].update(dead)
@@ -132,8 +149,9 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and k not in ("step", "type"):
                     self.tb.add_scalar(f"{kind}/{k}", v, row["step"])
             for layer, r in (row.get("routing") or {}).items():
-                for k in ("load_min", "load_max", "load_entropy", "dropped", "z"):
-                    self.tb.add_scalar(f"routing/{layer}/{k}", r[k], row["step"])
+                for k in ("load_min", "load_max", "load_entropy", "dropped", "z", "degrouped"):
+                    if k in r:
+                        self.tb.add_scalar(f"routing/{layer}/{k}", r[k], row["step"])
 
     def close(self) -> None:
         self.file.close()

@@ -175,7 +175,7 @@ class Trainer:
             self.step = int(self.state["step"])
             self.changes = ckpt.recipe_changes(self.state.get("recipe"), cfg)
             if d.main and "routing_sums" in self.state:
-                self.telemetry.sums.copy_(self.state["routing_sums"])
+                self.telemetry.restore(self.state["routing_sums"])
         else:
             torch.manual_seed(cfg.seed * 1009 + d.rank)  # dropout masks differ across processes
         self._init_out()  # only now that model, data and state are known good: bad input writes nothing
