@@ -33,7 +33,8 @@ GREEDY = 32
 
 
 def run_llama_cpp(path, ids: list[int], new_tokens: int = GREEDY):
-    """llama.cpp's logits [T, V] for ``ids`` and its ``new_tokens`` greedy continuation."""
+    """llama.cpp's logits [T, V] for ``ids``, its ``new_tokens`` greedy continuation, and each greedy step's
+    top-2 logit margin."""
     try:
         import llama_cpp
     except ImportError:
@@ -44,13 +45,36 @@ def run_llama_cpp(path, ids: list[int], new_tokens: int = GREEDY):
     try:
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
-        out = []
+        out, margins = [], []
         for _ in range(new_tokens):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            step = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            top2 = np.sort(step)[-2:]
+            out.append(int(np.argmax(step)))
+            margins.append(float(top2[1] - top2[0]))
             llm.eval([out[-1]])
-        return logits, out
+        return logits, Greedy(out, margins)
     finally:
         llm.close()
+
+
+class Greedy(list):
+    """Greedy tokens, with the top-2 logit margin of each step (``margins``)."""
+
+    def __init__(self, tokens, margins):
+        super().__init__(tokens)
+        self.margins = margins
+
+
+def assert_same_greedy(got: list, want: Greedy, tie: float) -> None:
+    """The same greedy tokens, except that where ``want`` chose between two logits within ``tie`` of each
+    other (twice the largest logit difference seen on the prompt: a tie at the precision compared) the two
+    continuations may part from there on."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            assert want.margins[i] <= tie, (f"greedy token {i}: {a} != {b}, and the reference's top-2 margin "
+                                            f"{want.margins[i]:.3g} is no tie (<= {tie:.3g}): {got} != {list(want)}")
+            return
+    assert len(got) == len(want)
 
 
 def assert_close_to_scale(got, want, rel: float) -> None:
@@ -65,9 +89,10 @@ def run_upcycle(path, ids: list[int], new_tokens: int = GREEDY):
     with torch.no_grad():
         x = torch.tensor([ids])
         logits = model(input_ids=x).logits[0].numpy()
-        greedy = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-    return logits, greedy
+        gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    margins = [float((lambda t: t[0] - t[1])(s[0].topk(2).values)) for s in gen.scores]
+    return logits, Greedy(gen.sequences[0, len(ids):].tolist(), margins)
 
 
 def _gguf(src, out, *flags) -> str:
@@ -150,7 +175,7 @@ def test_llama_cpp_runs_the_export_exactly(tmp_path, bpe_tokenizer, capsys, case
     got, got_greedy = run_llama_cpp(path, ids)
     want, want_greedy = run_upcycle(src, ids)
     assert_close_to_scale(got, want, GGUF_VS_UPCYCLE["f32"])
-    assert got_greedy == want_greedy
+    assert_same_greedy(got_greedy, want_greedy, 2 * np.abs(got - want).max())
 
 
 def _round_like_gguf(model, outtype: str) -> None:
@@ -265,11 +290,13 @@ def test_fresh_smollm2_upcycle_equals_the_dense_gguf(smollm2, outtype):
     got, got_greedy = run_llama_cpp(path, ids)
     dense, dense_greedy = run_llama_cpp(_dense_gguf(root, outtype), ids)
     assert_close_to_scale(got, dense, GGUF_VS_DENSE_GGUF[outtype])
-    assert got_greedy == dense_greedy
+    # bf16: the MoE's and the dense model's kernels round differently (tolerances.py); at a greedy step whose two
+    # best logits are that close, either choice is right, and the continuations part there.
+    assert_same_greedy(got_greedy, dense_greedy, 2 * np.abs(got - dense).max())
     if outtype == "f32":
         want, want_greedy = run_upcycle(root / "fresh", ids)
         assert_close_to_scale(got, want, GGUF_VS_UPCYCLE["f32"])
-        assert got_greedy == want_greedy
+        assert_same_greedy(got_greedy, want_greedy, 2 * np.abs(got - want).max())
 
 
 @pytest.mark.slow
@@ -285,4 +312,4 @@ def test_trained_smollm2_upcycle_in_llama_cpp(smollm2):
     got, got_greedy = run_llama_cpp(path, ids)
     want, want_greedy = run_upcycle(root / "trained", ids)
     assert_close_to_scale(got, want, GGUF_VS_UPCYCLE["f32"])
-    assert got_greedy == want_greedy
+    assert_same_greedy(got_greedy, want_greedy, 2 * np.abs(got - want).max())

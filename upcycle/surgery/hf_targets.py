@@ -4,10 +4,11 @@
     config = stock_config(facts, fmt)            # a transformers config; refusals in one line
     pieces = stock_pieces(facts, fmt)            # names as transformers' save_pretrained writes them
 
-Names are the per-expert ones that transformers' own ``save_pretrained`` writes and every
-published Qwen-MoE / Mixtral checkpoint has (``mlp.experts.3.gate_proj.weight``,
-``block_sparse_moe.experts.3.w1.weight``), not transformers v5's fused runtime names: vLLM
-before 0.34 and SGLang load only the per-expert ones.
+Names are the per-expert ones that transformers' own ``save_pretrained`` writes and published
+Qwen-MoE / Mixtral checkpoints have (``mlp.experts.3.gate_proj.weight``,
+``block_sparse_moe.experts.3.w1.weight``), not transformers v5's fused runtime names: the ones
+engines' loaders map (SGLang 0.5.23 ``Qwen2MoeForCausalLM.load_weights`` through
+``FusedMoE.make_expert_params_mapping``; vLLM's loader run on them, benchmarks/vllm_load_check.py).
 
 Nothing of size 0 is written. Qwen2-MoE always has a shared expert; its size is 0 here, so
 transformers builds zero-element ``shared_expert.*`` weights that a checkpoint cannot fill,
