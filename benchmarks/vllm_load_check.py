@@ -74,7 +74,8 @@ def check(path: str) -> dict:
     from vllm.model_executor.model_loader.utils import get_model_architecture
 
     mc = ModelConfig(model=path, dtype="float32", enforce_eager=True)
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"), load_config=LoadConfig(load_format="safetensors"))
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig("cpu"),
+                    load_config=LoadConfig(load_format="safetensors"))
     with set_current_vllm_config(vc):
         if not torch.distributed.is_initialized():
             init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",

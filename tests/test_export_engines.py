@@ -79,7 +79,8 @@ def _vllm_params(cfg: dict) -> set[str]:
         if not sparse:
             out |= {f"{p}.mlp.gate_up_proj.weight", f"{p}.mlp.down_proj.weight"}
             continue
-        out |= {f"{moe}.gate.weight", f"{moe}.experts.routed_experts.w13_weight", f"{moe}.experts.routed_experts.w2_weight"}
+        out |= {f"{moe}.gate.weight", f"{moe}.experts.routed_experts.w13_weight",
+                f"{moe}.experts.routed_experts.w2_weight"}
         shared = cfg.get("shared_expert_intermediate_size", 0) > 0
         if kind == "qwen2_moe" or shared:
             out.add(f"{moe}.shared_expert_gate.weight")

@@ -53,7 +53,8 @@ _NOT_GGUF = "reads no GGUF: use the safetensors exports"
 
 TABLE: dict[tuple[str, str, str], Cell] = {
     # transformers: run in a process that never imports upcycle (tests/test_export.py).
-    ("transformers", "qwen2_moe", "partial"): _c("exact", "`mlp_only_layers` keeps the dense MLPs; tests/test_export.py"),
+    ("transformers", "qwen2_moe", "partial"): _c("exact", "`mlp_only_layers` keeps the dense MLPs; "
+                                                 "tests/test_export.py"),
     ("transformers", "qwen2_moe", "all-moe"): _c("exact", "tests/test_export.py"),
     ("transformers", "qwen2_moe", "shared"): _c("reads exact", _NO_SHARED + "`Qwen2MoeSparseMoeBlock` adds "
                                                 "sigmoid(`shared_expert_gate` x) * `shared_expert`(x)"),
@@ -118,9 +119,8 @@ TABLE: dict[tuple[str, str, str], Cell] = {
     (LLAMA_CPP, "mixtral", "partial"): _c("no", "reads GGUF only: use --format gguf"),
     (LLAMA_CPP, "mixtral", "all-moe"): _c("no", "reads GGUF only: use --format gguf"),
     (LLAMA_CPP, "mixtral", "shared"): _c("no", "reads GGUF only"),
-    (LLAMA_CPP, "gguf", "partial"): _c("exact", "`ernie4_5-moe` (renormalised top-K; leading dense layers and a "
-                                       "MoE step) or `glm4moe` (otherwise; trailing MoE); "
-                                       "tests/test_llama_cpp.py"),
+    (LLAMA_CPP, "gguf", "partial"): _c("exact", "the last layers MoE: `ernie4_5-moe` (renormalised top-K) or "
+                                       "`glm4moe` (otherwise); other layer sets: --all-moe; tests/test_llama_cpp.py"),
     (LLAMA_CPP, "gguf", "all-moe"): _c("exact", "`llama` with experts (renormalised top-K, no QK-norm) or "
                                        "`glm4moe`; tests/test_llama_cpp.py"),
     (LLAMA_CPP, "gguf", "shared"): _c("refused", "upcycle writes no shared experts yet"),

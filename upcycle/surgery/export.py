@@ -35,7 +35,13 @@ from upcycle.io import atomic_dir, atomic_path, read_model_config
 from upcycle.models.sources import open_source
 from upcycle.surgery.engines import serving_lines
 from upcycle.surgery.export_plan import ExportFacts
-from upcycle.surgery.hf_targets import HF_FORMATS, check_against_transformers, resolve_format, stock_config, stock_pieces
+from upcycle.surgery.hf_targets import (
+    HF_FORMATS,
+    check_against_transformers,
+    resolve_format,
+    stock_config,
+    stock_pieces,
+)
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
 from upcycle.version import __version__
 

@@ -83,7 +83,8 @@ def _steps(pre: dict | None) -> tuple[str, ...]:
         return ("bytelevel-gpt2" if pre.get("use_regex", True) else "bytelevel",)
     if kind == "Digits" and pre.get("individual_digits"):
         return ("digits",)
-    if kind == "Split" and pre.get("behavior") == "Isolated" and not pre.get("invert") and "Regex" in pre.get("pattern", {}):
+    isolated = pre.get("behavior") == "Isolated" and not pre.get("invert")
+    if kind == "Split" and isolated and "Regex" in pre.get("pattern", {}):
         return (f"split:{pre['pattern']['Regex']}",)
     return (json.dumps(pre, sort_keys=True),)
 
