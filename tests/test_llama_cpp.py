@@ -285,8 +285,19 @@ def _dense_gguf(root, outtype: str) -> str:
 def test_fresh_smollm2_upcycle_equals_the_dense_gguf(smollm2, outtype):
     """A fresh upcycle adds nothing: its GGUF (ours) = the dense model's GGUF (llama.cpp's converter), both run
     by llama.cpp at the same outtype; at f32 both also equal upcycle.load."""
+    import gguf
+
     root, ids = smollm2
     path = _gguf(root / "fresh", root / f"fresh-{outtype}.gguf", "--outtype", outtype)
+    # Every tensor both files have (all but the MoE layers' MLPs) is stored as llama.cpp's converter stores
+    # it: same type, same bytes (the q/k row order for llama.cpp's RoPE included).
+    ours = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(_dense_gguf(root, outtype)).tensors}
+    shared = sorted(set(ours) & set(theirs))
+    assert len(shared) == len(theirs) - 6 * 3  # the dense ffn_{gate,up,down} of the 6 upcycled layers
+    for name in shared:
+        assert ours[name].tensor_type == theirs[name].tensor_type, name
+        assert np.array_equal(np.asarray(ours[name].data), np.asarray(theirs[name].data)), name
     got, got_greedy = run_llama_cpp(path, ids)
     dense, dense_greedy = run_llama_cpp(_dense_gguf(root, outtype), ids)
     assert_close_to_scale(got, dense, GGUF_VS_DENSE_GGUF[outtype])

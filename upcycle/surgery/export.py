@@ -116,14 +116,13 @@ def export(cfg: ExportConfig) -> ExportResult:
         if gguf:
             from upcycle.surgery.gguf_export import write_gguf
 
+            fmt = "gguf"
             with atomic_path(out) as tmp:
                 arch, total = write_gguf(src, facts, tmp, outtype=cfg.outtype, origin=origin, progress=cfg.progress)
-            fmt, kind = "gguf", arch
         else:
             fmt = resolve_format(facts, cfg.format)
             arch, total = _write_stock(src, facts, fmt, cfg, out, origin)
-            kind = arch
-    return ExportResult(out=cfg.out, format=fmt, architecture=kind, moe_layers=list(facts.moe_layers),
+    return ExportResult(out=cfg.out, format=fmt, architecture=arch, moe_layers=list(facts.moe_layers),
                         copied_layers=list(facts.copied_layers), bytes_written=total,
                         seconds=time.perf_counter() - t0,
                         engines=serving_lines(fmt, "all-moe" if facts.all_moe else "partial"))

@@ -101,7 +101,8 @@ def _from_tokenizer_json(folder: str, vocab_size: int) -> list[tuple]:
         tj = json.load(f)
     model = tj["model"]
     if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UpcycleError(f"cannot export to GGUF: a {model.get('type')} tokenizer (converted here: byte-level BPE; "
+        kind = "SentencePiece-style BPE" if model.get("type") == "BPE" else model.get("type")
+        raise UpcycleError(f"cannot export to GGUF: a {kind} tokenizer (converted here: byte-level BPE; "
                            "a checkpoint upcycled from a GGUF file carries that file's tokenizer)")
     if tj.get("normalizer") not in (None, {"type": "NFC"}):
         raise UpcycleError(f"cannot export to GGUF: the tokenizer normalizes text ({tj['normalizer'].get('type')}), "
