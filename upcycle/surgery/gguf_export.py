@@ -178,7 +178,7 @@ def _hparams(w, facts: ExportFacts, plan: GGUFPlan) -> None:
         w.add_expert_feed_forward_length(f.ffn)
         w.add_leading_dense_block_count(plan.lead)
     if plan.arch == "ernie4_5-moe":
-        w.add_interleave_moe_layer_step(1)
+        w.add_uint32(f"{plan.arch}.interleave_moe_layer_step", 1)  # gguf 0.16 has no add_ method for it
     if plan.arch == "glm4moe":
         w.add_expert_shared_count(1)
         w.add_expert_weights_norm(f.moe.normalize_topk)
@@ -209,8 +209,11 @@ def write_gguf(src, facts: ExportFacts, path: str, *, outtype: str | None, origi
     if outtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _hparams(w, facts, plan)
-    for key, value, vtype, sub in vocab:
-        w.add_key_value(key, value, vtype, sub)
+    for key, value, vtype in vocab:
+        if vtype == gguf.GGUFValueType.ARRAY:  # element type from the values (gguf 0.16 takes no sub-type)
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, vtype)
     for piece, (kind, nbytes) in zip(pieces, storage):
         w.add_tensor_info(piece.name, piece.shape, np.dtype(np.float32), nbytes, raw_dtype=kind)
     total = sum(n for _, n in storage)

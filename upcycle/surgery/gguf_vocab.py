@@ -1,6 +1,6 @@
 """The ``tokenizer.*`` fields of a GGUF export: carried over from a GGUF source, or built from tokenizer.json.
 
-    fields = tokenizer_fields(checkpoint_dir, raw_config)   # [(key, value, GGUFValueType, sub_type)]
+    fields = tokenizer_fields(checkpoint_dir, raw_config)   # [(key, value, GGUFValueType)]
 
 A checkpoint upcycled from a GGUF file (the embedded ``smollm2-135m``) gets that file's own
 tokenizer fields, as llama.cpp already ran them with the dense model: transformers' GGUF
@@ -41,7 +41,8 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
 def tokenizer_fields(folder: str, raw: dict) -> list[tuple]:
-    """``(key, value, type, sub_type)`` for every ``tokenizer.*`` field (see the module docstring)."""
+    """``(key, value, type)`` for every ``tokenizer.*`` field (see the module docstring); an array's element
+    type follows from its values."""
     carried = _from_gguf_source(raw)
     return carried if carried is not None else _from_tokenizer_json(folder, raw["vocab_size"])
 
@@ -67,8 +68,7 @@ def _from_gguf_source(raw: dict) -> list[tuple] | None:
     for key, f in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
-        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        out.append((key, f.contents(), f.types[0], sub))
+        out.append((key, f.contents(), f.types[0]))
     return out
 
 
@@ -132,20 +132,19 @@ def _from_tokenizer_json(folder: str, vocab_size: int) -> list[tuple]:
     probe = tok("a")["input_ids"]
     string, u32, boolean = gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL
     arr = gguf.GGUFValueType.ARRAY
-    out = [("tokenizer.ggml.model", "gpt2", string, None), ("tokenizer.ggml.pre", pre, string, None),
-           ("tokenizer.ggml.tokens", tokens, arr, string),
-           ("tokenizer.ggml.token_type", types, arr, gguf.GGUFValueType.INT32),
-           ("tokenizer.ggml.merges", merges, arr, string)]
+    out = [("tokenizer.ggml.model", "gpt2", string), ("tokenizer.ggml.pre", pre, string),
+           ("tokenizer.ggml.tokens", tokens, arr), ("tokenizer.ggml.token_type", types, arr),
+           ("tokenizer.ggml.merges", merges, arr)]
     for what in ("bos", "eos", "unk", "pad"):
         tid = getattr(tok, f"{what}_token_id", None)
         if tid is not None:
             key = "padding" if what == "pad" else "unknown" if what == "unk" else what
-            out.append((f"tokenizer.ggml.{key}_token_id", int(tid), u32, None))
-    out.append(("tokenizer.ggml.add_bos_token", bool(probe) and probe[0] == tok.bos_token_id, boolean, None))
-    out.append(("tokenizer.ggml.add_eos_token", bool(probe) and probe[-1] == tok.eos_token_id, boolean, None))
+            out.append((f"tokenizer.ggml.{key}_token_id", int(tid), u32))
+    out.append(("tokenizer.ggml.add_bos_token", bool(probe) and probe[0] == tok.bos_token_id, boolean))
+    out.append(("tokenizer.ggml.add_eos_token", bool(probe) and probe[-1] == tok.eos_token_id, boolean))
     template = tok.chat_template
     if isinstance(template, dict):
         template = template.get("default")
     if template:
-        out.append(("tokenizer.chat_template", template, string, None))
+        out.append(("tokenizer.chat_template", template, string))
     return out
