@@ -174,6 +174,22 @@ def test_qwen3_base_to_qwen3_moe_with_mlp_only_layers(tmp_path, capsys):
     _same(tmp_path / "trained", tmp_path / "q3", tmp_path, cls="Qwen3MoeForCausalLM")
 
 
+def test_rope_scaling_is_carried(tmp_path):
+    """Llama 3's rope scaling (rope_parameters) goes into the stock config as it is: transformers computes
+    every family's rotary frequencies with the same functions."""
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=16)
+    dense = tmp_path / "dense"
+    make_dense("llama", dense, rope_parameters=rope)
+    make_char_tokenizer().save_pretrained(dense)
+    upcycle.convert(ConvertConfig(out=str(tmp_path / "moe"), model=str(dense), layers=2, progress=False,
+                                  moe=MoEConfig(num_experts=4)))
+    src = _perturb(tmp_path / "moe", tmp_path / "trained")
+    assert main(["export", str(src), "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    _same(src, tmp_path / "q", tmp_path)
+
+
 def _perturb(src, out, seed=1, normalize=None):
     """A copy of upcycled ``src`` whose routers and experts moved away from the fresh copies."""
     model = upcycle.load(str(src))

@@ -47,8 +47,6 @@ def _refuse(fmt: str, why: str, could: str | None = None) -> UpcycleError:
 def stock_config(facts: ExportFacts, fmt: str):
     """The transformers config of ``fmt`` for ``facts``; UpcycleError for what ``fmt`` cannot carry."""
     f, n = facts, facts.num_layers
-    if f.rope_type != "default":
-        raise _refuse(fmt, f"{f.rope_type} rope scaling (exported exactly: the default rotary embedding)")
     if fmt == "mixtral":
         if not f.all_moe:
             could = "qwen3_moe" if f.family == "qwen3" else "qwen2_moe"
