@@ -7,6 +7,7 @@ logits and greedy tokens (DESIGN.md invariant 4.7); what a format cannot carry i
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,13 +40,24 @@ path, ids_file, out_file = sys.argv[1:]
 ids = torch.load(ids_file)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+model.eval()
 logits = model(input_ids=ids).logits
 greedy = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6,
                         do_sample=False, pad_token_id=0)
+params = dict(model.named_parameters())
+# What transformers itself writes for this model: the names and shapes a stock checkpoint has.
+model.save_pretrained(out_file + ".resaved")
+from safetensors import safe_open
+resaved = {}
+for f in sorted(__import__("glob").glob(out_file + ".resaved/*.safetensors")):
+    with safe_open(f, "pt") as h:
+        resaved.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
 torch.save({"logits": logits, "greedy": greedy, "class": type(model).__name__,
             "upcycle_imported": any(m.split(".")[0] in ("upcycle", "upcycle_kernels") for m in sys.modules),
-            "messages": logged + [str(w.message) for w in caught]}, out_file)
+            "missing": {k: params[k].numel() for k in info["missing_keys"]},
+            "unexpected": sorted(info["unexpected_keys"]), "mismatched": sorted(info["mismatched_keys"]),
+            "resaved": resaved, "messages": logged + [str(w.message) for w in caught]}, out_file)
 """
 
 
@@ -57,12 +69,31 @@ def _stock_run(path, ids, tmp_path):
     return torch.load(tmp_path / "got.pt")
 
 
+def _exported_tensors(folder) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, f), "pt") as h:
+                out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+    return out
+
+
 def _same(src, exported, tmp_path, tol=F32, cls="Qwen2MoeForCausalLM"):
     ids = torch.randint(5, 110, (2, 12), generator=torch.Generator().manual_seed(0))
     got = _stock_run(exported, ids, tmp_path)
     assert not got["upcycle_imported"] and got["class"] == cls
-    # The only message allowed: torch's note on the zero-size shared expert's init.
-    bad = [m for m in got["messages"] if "zero-element" not in m]
+    written = _exported_tensors(exported)
+    assert all(math.prod(shape) > 0 for shape in written.values()), "a zero-size tensor was written"
+    # Exactly the names and shapes transformers' own save_pretrained writes, less its zero-size tensors.
+    assert written == {k: v for k, v in got["resaved"].items() if math.prod(v) > 0}
+    # Missing on load: only Qwen2-MoE's size-0 shared expert, which has no element to fill.
+    assert not got["unexpected"] and not got["mismatched"], got
+    assert all(n == 0 and ".shared_expert." in k for k, n in got["missing"].items()), got["missing"]
+    # Messages allowed: torch's note on those zero-element tensors, and transformers' load report of them.
+    bad = [m for m in got["messages"] if "zero-element" not in m
+           and not ("LOAD REPORT" in m and all(".shared_expert." in line for line in m.splitlines() if "MISSING |" in line))]
     assert not bad, bad
     ours = upcycle.load(str(src), experts_backend="loop")
     torch.testing.assert_close(got["logits"], ours(input_ids=ids).logits, **tol)
@@ -170,17 +201,91 @@ def test_all_moe_model_to_mixtral(tmp_path):
     _same(src, tmp_path / "m", tmp_path, cls="MixtralForCausalLM")
 
 
-@pytest.mark.parametrize("case,fmt,message", [
-    ("expert-choice", "qwen2_moe", "expert-choice routing"),
-    ("gpt_neox", "qwen2_moe", "the dense parts of a gpt_neox model"),
-    ("qwen3", "qwen2_moe", "the dense parts of a qwen3 model"),
-    ("partial", "mixtral", "only layers 2,3 of 4 are MoE (Mixtral has MoE in every layer); qwen2_moe could carry it"),
-    ("no-normalize", "mixtral", "not renormalised (Mixtral always renormalises); qwen2_moe could carry it"),
-    ("head-dim", "qwen2_moe", "a head size of 32 (Qwen2-MoE uses hidden / heads); mixtral could carry it"),
-    ("sliding", "qwen2_moe", "sliding-window attention; mixtral could carry it"),
-    ("dense", "qwen2_moe", "not an upcycled checkpoint"),
+def test_qwen3_base_to_qwen3_moe_with_mlp_only_layers(tmp_path, capsys):
+    """QK-norm carried: a Qwen3 base exports to Qwen3-MoE (auto picks it), dense layers in mlp_only_layers."""
+    src = _upcycle(tmp_path, arch="qwen3")
+    _perturb(src, tmp_path / "trained", seed=3)
+    assert main(["export", str(tmp_path / "trained"), "--out", str(tmp_path / "q3"), "--no-progress"]) == 0
+    assert "Qwen3MoeForCausalLM (qwen3_moe), MoE layers 2,3" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "q3" / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [0, 1] and cfg["num_experts"] == 4 and cfg["head_dim"] == 16
+    _same(tmp_path / "trained", tmp_path / "q3", tmp_path, cls="Qwen3MoeForCausalLM")
+
+
+def test_rope_scaling_is_carried(tmp_path):
+    """Llama 3's rope scaling (rope_parameters) goes into the stock config as it is: transformers computes
+    every family's rotary frequencies with the same functions."""
+    rope = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=16)
+    dense = tmp_path / "dense"
+    make_dense("llama", dense, rope_parameters=rope)
+    make_char_tokenizer().save_pretrained(dense)
+    upcycle.convert(ConvertConfig(out=str(tmp_path / "moe"), model=str(dense), layers=2, progress=False,
+                                  moe=MoEConfig(num_experts=4)))
+    src = _perturb(tmp_path / "moe", tmp_path / "trained")
+    assert main(["export", str(src), "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    _same(src, tmp_path / "q", tmp_path)
+
+
+def _perturb(src, out, seed=1, normalize=None):
+    """A copy of upcycled ``src`` whose routers and experts moved away from the fresh copies."""
+    model = upcycle.load(str(src))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for block in moe_blocks(model).values():
+            block.router.weight.normal_(0, 0.5)
+            block.experts.down_proj.add_(0.05 * torch.randn_like(block.experts.down_proj))
+    model.save_pretrained(out)
+    make_char_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("fmt,arch,cls", [("qwen2_moe", "qwen2", "Qwen2MoeForCausalLM"),
+                                          ("mixtral", "llama", "MixtralForCausalLM"),
+                                          ("qwen3_moe", "qwen3", "Qwen3MoeForCausalLM")])
+def test_all_moe_turns_dense_layers_into_identical_experts(tmp_path, capsys, fmt, arch, cls):
+    """--all-moe: each dense MLP as E copies under a zero router: exact, for a trained upcycle too."""
+    src = _perturb(_upcycle(tmp_path, arch=arch, layers=1), tmp_path / "trained")
+    out = tmp_path / "all"
+    assert main(["export", str(src), "--format", fmt, "--all-moe", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "MoE layers 0,1,2,3 (0,1,2 as identical copies)" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("mlp_only_layers", []) == []
+    tensors = _exported_tensors(out)
+    moe = "block_sparse_moe" if fmt == "mixtral" else "mlp"
+    assert f"model.layers.0.{moe}.experts.3.{'w1' if fmt == 'mixtral' else 'gate_proj'}.weight" in tensors
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not f.get_tensor(f"model.layers.0.{moe}.gate.weight").any()  # the zero router
+        if fmt != "mixtral":
+            assert f.get_tensor("model.layers.0.mlp.experts.2.gate_proj.weight").equal(
+                upcycle.load(str(src)).model.layers[0].mlp.gate_proj.weight)
+    if fmt == "qwen2_moe":  # SGLang serves only every-layer-MoE Qwen2-MoE: this is the form to give it
+        assert "SGLang 0.5.23" in printed and "do NOT" not in printed
+    _same(src, out, tmp_path, cls=cls)
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("expert-choice", ["--format", "qwen2_moe"], "cannot export expert-choice routing"),
+    ("gpt_neox", ["--format", "qwen2_moe"], "the dense parts of a gpt_neox model"),
+    ("qwen3", ["--format", "qwen2_moe"], "QK-norm (Qwen2-MoE attention has none); qwen3_moe could carry it"),
+    ("partial", ["--format", "qwen3_moe"], "a llama model (Qwen3-MoE attention always applies QK-norm); "
+                                           "qwen2_moe could carry it"),
+    ("partial", ["--format", "mixtral"], "only layers 2,3 of 4 are MoE (Mixtral has MoE in every layer); "
+                                         "qwen2_moe (or mixtral with --all-moe) could carry it"),
+    ("no-normalize", ["--format", "mixtral"], "not renormalised (Mixtral always renormalises); qwen2_moe could carry it"),
+    ("partial-no-normalize", ["--all-moe"], "cannot export --all-moe without renormalised top-K: E identical copies "
+                                            "under tied router logits would give 2/4 of each dense MLP"),
+    ("head-dim", ["--format", "qwen2_moe"], "a head size of 32 (Qwen2-MoE uses hidden / heads); mixtral could carry it"),
+    ("sliding", ["--format", "qwen2_moe"], "sliding-window attention; mixtral could carry it"),
+    ("dense", ["--format", "qwen2_moe"], "not an upcycled checkpoint"),
+    ("partial", ["--format", "qwen2_moe", "--outtype", "q8_0"], "--outtype is for --format gguf"),
+    ("partial", ["--format", "gguf", "--dtype", "float16"], "--dtype is for the safetensors formats"),
 ])
-def test_what_a_format_cannot_carry_is_refused(tmp_path, capsys, case, fmt, message):
+def test_what_a_format_cannot_carry_is_refused(tmp_path, capsys, case, args, message):
     if case == "dense":
         make_dense("llama", tmp_path / "src")
         src = tmp_path / "src"
@@ -188,14 +293,15 @@ def test_what_a_format_cannot_carry_is_refused(tmp_path, capsys, case, fmt, mess
         arch = case if case in ("gpt_neox", "qwen3") else "mistral" if case == "sliding" else "llama"
         extra = {"head-dim": dict(head_dim=32), "sliding": dict(sliding_window=8)}.get(case, {})
         moe = dict(routing="expert-choice") if case == "expert-choice" else (
-            dict(normalize_topk=False) if case == "no-normalize" else {})
+            dict(normalize_topk=False) if case.endswith("no-normalize") else {})
         dense = tmp_path / "dense"
         make_dense(arch, dense, **extra)
         upcycle.convert(ConvertConfig(out=str(tmp_path / "src"), model=str(dense), progress=False,
-                                      layers=2 if case == "partial" else 4, moe=MoEConfig(num_experts=4, **moe)))
+                                      layers=2 if case.startswith("partial") else 4, moe=MoEConfig(num_experts=4, **moe)))
         src = tmp_path / "src"
     before = sorted(os.listdir(tmp_path))
-    assert main(["export", str(src), "--format", fmt, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    capsys.readouterr()  # the dense model's save_pretrained progress bar is not ours
+    assert main(["export", str(src), *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
     assert sorted(os.listdir(tmp_path)) == before

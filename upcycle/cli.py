@@ -343,14 +343,21 @@ def _merge(a) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a stock transformers MoE checkpoint (Qwen2-MoE, Mixtral)", description=(
+    p = sub.add_parser("export", help="write a stock MoE checkpoint (Qwen2-MoE, Qwen3-MoE, Mixtral) or a GGUF file",
+                       description=(
         "Write an upcycled checkpoint (or a LoRA adapter, merged into its base) as a stock transformers MoE "
-        "model that vLLM, SGLang and plain transformers load without upcycle. What the format cannot express "
-        "exactly is refused before anything is written."))
+        "checkpoint that engines load without upcycle, or as one GGUF file that llama.cpp runs. What the format "
+        "cannot express exactly is refused before anything is written; afterwards it prints which engines serve "
+        "the result exactly and which must not be used."))
     p.add_argument("src", help="upcycled checkpoint dir (e.g. runs/cpt/checkpoints/step-000300) or adapter dir")
-    p.add_argument("--format", default="auto", choices=["auto", "qwen2_moe", "mixtral"],
-                   help="auto: mixtral when every layer is MoE, else qwen2_moe")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="auto", choices=["auto", "qwen2_moe", "qwen3_moe", "mixtral", "gguf"],
+                   help="auto: qwen3_moe for a Qwen3 base, mixtral when every layer is MoE, else qwen2_moe")
+    p.add_argument("--out", required=True, help="output directory (--format gguf: the .gguf file)")
+    p.add_argument("--all-moe", action="store_true",
+                   help="every dense layer becomes E identical experts (exact; costs (E-1)x their MLP weights): "
+                        "for SGLang and llama.cpp's llama architecture, which need MoE in every layer")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="--format gguf: tensor type (default f16 for a 16-bit source, else f32)")
     _add_output_flags(p)
     p.set_defaults(func=_export)
 
@@ -358,14 +365,19 @@ def _add_export(sub) -> None:
 def _export(a) -> None:
     from upcycle.surgery.export import ExportConfig, export
 
-    r = export(ExportConfig(src=a.src, out=a.out, format=a.format, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                            overwrite=a.overwrite, progress=not a.no_progress))
+    r = export(ExportConfig(src=a.src, out=a.out, format=a.format, all_moe=a.all_moe, dtype=a.dtype,
+                            outtype=a.outtype, max_shard_size=a.max_shard_size, overwrite=a.overwrite,
+                            progress=not a.no_progress))
     if a.json:
         print(json.dumps({"out": r.out, "format": r.format, "architecture": r.architecture,
-                          "moe_layers": r.moe_layers, "gigabytes": r.bytes_written / 1e9, "seconds": r.seconds}))
+                          "moe_layers": r.moe_layers, "copied_layers": r.copied_layers,
+                          "gigabytes": r.bytes_written / 1e9, "seconds": r.seconds, "engines": r.engines}))
         return
-    print(f"wrote {r.out}: {r.architecture} ({r.format}), MoE layers {','.join(map(str, r.moe_layers))}, "
+    copied = f" ({','.join(map(str, r.copied_layers))} as identical copies)" if r.copied_layers else ""
+    print(f"wrote {r.out}: {r.architecture} ({r.format}), MoE layers {','.join(map(str, r.moe_layers))}{copied}, "
           f"{r.bytes_written / 1e9:.2f} GB in {r.seconds:.1f} s")
+    for line in r.engines:
+        print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
