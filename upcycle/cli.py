@@ -228,6 +228,8 @@ def _eval(a) -> None:
         label = adapted.label if adapted is not None else label
         r = perplexity(model, tok, text, a.max_tokens, a.seq_len, a.batch_size, progress=not a.no_progress)
         results.append({"model": spec, "kind": label, **r})
+        if adapted is not None:
+            results[-1].update(base=adapted.base, base_quantization=adapted.quantization)
         del model
     diff = None
     if len(results) == 2:  # same tokeniser and windows, so the logits line up
@@ -242,6 +244,9 @@ def _eval(a) -> None:
                          f"{r['nll']:.4f}", f"{r['seconds']:.1f}"] for r in results]))
     if diff is not None:
         print(f"max |logit difference| on the first {results[0]['first_window']}-token window: {diff:.3g}")
+    for r in results:
+        if "base" in r:
+            print(f"{r['model']}: base {r['base']}, {r['base_quantization'] or 'full precision'}")
     for r in results:
         if r["routing"]:
             print(f"\nrouting of {r['model']} over the evaluated tokens:\n{routing_table(r['routing'])}")
@@ -273,6 +278,8 @@ def _generate(a) -> None:
     if not a.temperature >= 0:
         raise UpcycleError(f"--temperature must be >= 0, got {a.temperature}")
     model, tok = load_model_and_tokenizer(a.path, a.experts_backend, _device(a), base=a.base, merge=a.merge)
+    if getattr(model, "upcycle_adapted", None) is not None:  # which model answers: on stderr, the reply alone on stdout
+        logging.getLogger("upcycle").info(model.upcycle_adapted.describe())
     print(generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, not a.no_chat_template, a.seed))
 
 

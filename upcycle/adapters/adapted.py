@@ -64,6 +64,10 @@ class Adapted:
     modules: int
     """How many modules the adapter wraps (merged or not)."""
 
+    def describe(self) -> str:
+        """One line: ``runs/q/step-6: QLoRA adapter on its NF4 base /abs/runs/moe, NF4 (double quantisation, ...)``."""
+        return f"{self.adapter}: {self.label} {self.base}" + (f", {self.quantization}" if self.quantization else "")
+
     @property
     def label(self) -> str:
         """Which model this is, for tables: ``LoRA adapter on its base``, ``QLoRA adapter on its NF4 base``,
@@ -168,6 +172,4 @@ def load_adapted(adapter_dir: str, base: str | None = None, *, merge: bool = Fal
     info = Adapted(adapter=str(adapter_dir), base=base, merged=merge,
                    quantization=describe_record(record) if record else None, modules=modules)
     setattr(model, ADAPTED_ATTR, info)
-    # "runs/q/step-6: QLoRA adapter on its NF4 base /abs/runs/moe, NF4 (double quantisation, ...)"
-    log.info("%s: %s %s%s", adapter_dir, info.label, base, f", {info.quantization}" if info.quantization else "")
     return model.eval()
