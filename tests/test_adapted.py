@@ -30,10 +30,11 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason
 pytestmark = pytest.mark.filterwarnings("ignore:Unexpected keyword arguments \\['upcycle'\\]:UserWarning")
 
 LORA = {"r": 4, "alpha": 8, "experts": True, "target_modules": ["q_proj", "v_proj"]}
+# On the CPU wherever the suite runs: the trainer's model is compared with upcycle.load's, which loads there.
 RUNS = {
-    "lora": dict(lora=LORA),
-    "qlora": dict(lora=LORA, nf4=True),
-    "esft": dict(lora={**LORA, "target_modules": ["q_proj"]}, experts_subset={"top": 1, "sample": 8}),
+    "lora": dict(lora=LORA, device="cpu"),
+    "qlora": dict(lora=LORA, nf4=True, device="cpu"),
+    "esft": dict(lora={**LORA, "target_modules": ["q_proj"]}, experts_subset={"top": 1, "sample": 8}, device="cpu"),
 }
 
 
@@ -103,6 +104,29 @@ def test_qlora_loads_on_the_nf4_base_it_was_trained_on(runs, tiny_moe):  # noqa:
     merged = upcycle.load(ckpt, merge=True)
     assert merged.upcycle_adapted.label == "adapter merged into its full-precision base"
     assert (_logits(merged) - _logits(model)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("settings", [
+    dict(compute_dtype=torch.bfloat16),  # what a CUDA run records
+    dict(blocksize=128, double_quant=False, shared_base=False, targets=("q_proj", "o_proj")),
+], ids=["bf16-compute", "blocksize128-single-unshared"])
+def test_the_record_rebuilds_whatever_quantize_model_did(tiny_moe, tmp_path, settings):  # noqa: F811
+    from upcycle.adapters import LoraConfig, apply_lora, quantize_model, save_adapter
+
+    model = upcycle.load(str(tiny_moe))
+    quantize_model(model, **settings)
+    apply_lora(model, LoraConfig(r=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(model, str(tmp_path / "ad"), base_path=str(tiny_moe))
+    loaded = upcycle.load(str(tmp_path / "ad"))
+    # The same buffers, codes and adapter, the same compute dtype: the same numbers, bit for bit.
+    assert torch.equal(_logits(loaded), _logits(model.eval()))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 @needs_peft
