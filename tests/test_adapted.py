@@ -246,6 +246,7 @@ def test_a_directory_that_is_no_model_is_one_line(runs, tiny_moe, corpus, tmp_pa
 def test_inspect_says_what_the_adapter_was_trained_on(runs, capsys):
     main(["inspect", runs["qlora"][0], "--json"])
     info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "QLoRA adapter (LoRA on an NF4 base)"
     assert info["base_quantization"] == ("NF4 (double quantisation, blocksize 64): 16 Linear, 2 experts "
                                          "(2 with a shared base)")
     main(["inspect", runs["lora"][0], "--json"])

@@ -335,7 +335,9 @@ def describe_adapter(adapter_dir: str) -> dict:
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     experts = ext.get("experts") or {}
     return {
-        "path": adapter_dir, "kind": "LoRA adapter", "r": raw["r"], "alpha": raw["lora_alpha"],
+        "path": adapter_dir,
+        "kind": "QLoRA adapter (LoRA on an NF4 base)" if ext.get("quantization") else "LoRA adapter",
+        "r": raw["r"], "alpha": raw["lora_alpha"],
         "dropout": ext.get("lora_dropout", raw.get("lora_dropout", 0.0)), "use_rslora": raw.get("use_rslora", False),
         "target_modules": raw.get("target_modules"), "target_parameters": raw.get("target_parameters"),
         "linear_modules": len(ext.get("linear_modules") or []), "expert_layers": len(experts.get("modules") or []),
