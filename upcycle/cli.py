@@ -4,6 +4,7 @@
     upcycle inspect runs/smollm2-moe
     upcycle eval runs/smollm2-moe --text play.txt --baseline
     upcycle generate runs/smollm2-moe --prompt "Hello"
+    upcycle eval runs/qlora/checkpoints/last --text play.txt --baseline    # an adapter on its base, and the base
     upcycle export runs/smollm2-moe --format qwen2_moe --out runs/served
     upcycle train continued_pretraining max_steps=100
     upcycle plot runs/cpt
@@ -180,18 +181,20 @@ def _add_inspect(sub) -> None:
 
 
 def _inspect(a) -> None:
-    from upcycle.models.esft import describe_esft, is_esft_dir
+    from upcycle.models.esft import describe_esft
+    from upcycle.models.loader import checkpoint_kind
     from upcycle.models.upcycled import describe
 
     if not os.path.exists(a.path):
         raise UpcycleError(f"checkpoint not found: {a.path}")
     if not os.path.isdir(a.path):
         raise UpcycleError(f"inspect takes a checkpoint or adapter directory; {a.path} is not a directory")
-    if os.path.isfile(os.path.join(a.path, "adapter_config.json")):
+    kind = checkpoint_kind(a.path)  # a directory that is neither a model nor an adapter: one line saying so
+    if kind == "adapter":
         from upcycle.adapters import describe_adapter
 
         info = describe_adapter(a.path)
-    elif is_esft_dir(a.path):
+    elif kind == "esft":
         info = describe_esft(a.path)
     else:
         info = describe(a.path)
@@ -211,19 +214,31 @@ def _inspect(a) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity on a text file",
-                       description="Perplexity of a model (upcycled dir or any --model source) on a UTF-8 text.")
-    p.add_argument("path", help="upcycled checkpoint dir, or any source convert accepts")
+    p = sub.add_parser("eval", help="perplexity on a text file", description=(
+        "Perplexity of a model on a UTF-8 text: an upcycled checkpoint, an adapter (on its recorded base; a QLoRA "
+        "adapter on its base quantised as trained), an ESFT checkpoint, or any source convert accepts."))
+    p.add_argument("path", help="upcycled checkpoint dir, adapter dir, ESFT checkpoint, or any source convert accepts")
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline", nargs="?", const="@source", default=None,
-                   help="also evaluate this model (default when given without a value: the dense source)")
+                   help="also evaluate this model (given without a value: an upcycled checkpoint's dense source, "
+                        "an adapter's or ESFT checkpoint's base)")
+    _add_adapter_flags(p)
     _add_runtime_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
+
+
+def _add_adapter_flags(p) -> None:
+    p.add_argument("--base", default=None,
+                   help="an adapter's (or ESFT checkpoint's) base (default: the one it records; the fingerprint is "
+                        "checked either way)")
+    p.add_argument("--merge", action="store_true",
+                   help="an adapter: fold it into the full-precision base (what upcycle merge writes) instead of "
+                        "attaching it unmerged (a QLoRA adapter: on its NF4 base)")
 
 
 def _add_runtime_flags(p) -> None:
@@ -238,7 +253,7 @@ def _device(a) -> str:
 
 
 def _eval(a) -> None:
-    from upcycle.inference import format_table, perplexity, read_text, routing_table
+    from upcycle.inference import eval_plan, format_table, perplexity, read_text, routing_table
     from upcycle.models.loader import load_model_and_tokenizer
 
     # Checked before any model loads: on a large model a late error costs minutes.
@@ -249,24 +264,16 @@ def _eval(a) -> None:
     text = read_text(a.text)
     if not text.strip():  # train refuses it too: the perplexity of whitespace is no measure of a model
         raise UpcycleError(f"{a.text} is empty: no text to evaluate")
-    models = [a.path]
-    if a.baseline == "@source":
-        from upcycle.models.recorded import reopen_source
-        from upcycle.models.upcycled import describe
-
-        info = describe(a.path)
-        if not info["upcycled"]:
-            raise UpcycleError("--baseline without a value needs an upcycled checkpoint (it evaluates its source)")
-        # The recorded source, found and checked by its fingerprint: never another model of the same name.
-        models.insert(0, reopen_source(info["source"], info["source_fingerprint"], what=f"the dense source of {a.path}",
-                                       near=a.path, hint="; name the model to compare with: --baseline PATH"))
-    elif a.baseline:
-        models.insert(0, a.baseline)
+    runs = eval_plan(a.path, a.baseline, base=a.base, merge=a.merge)
     results = []
-    for spec in models:
-        model, tok = load_model_and_tokenizer(spec, a.experts_backend, _device(a))
+    for spec, kw, label in runs:
+        model, tok = load_model_and_tokenizer(spec, a.experts_backend, _device(a), **kw)
+        adapted = getattr(model, "upcycle_adapted", None)
+        label = adapted.label if adapted is not None else label
         r = perplexity(model, tok, text, a.max_tokens, a.seq_len, a.batch_size, progress=not a.no_progress)
-        results.append({"model": spec, **r})
+        results.append({"model": spec, "kind": label, **r})
+        if adapted is not None:
+            results[-1].update(base=adapted.base, base_quantization=adapted.quantization)
         del model
     diff = None
     if len(results) == 2:  # same tokeniser and windows, so the logits line up
@@ -277,24 +284,29 @@ def _eval(a) -> None:
         print(json.dumps({"results": results, "max_abs_logit_diff": diff} if diff is not None else results[0], indent=2))
         return
     print(format_table(["model", "tokens", "perplexity", "nll/token", "seconds"],
-                       [[r["model"], r["tokens"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", f"{r['seconds']:.1f}"]
-                        for r in results]))
+                       [[f"{r['model']} ({r['kind']})" if r["kind"] else r["model"], r["tokens"], f"{r['ppl']:.3f}",
+                         f"{r['nll']:.4f}", f"{r['seconds']:.1f}"] for r in results]))
     if diff is not None:
         print(f"max |logit difference| on the first {results[0]['first_window']}-token window: {diff:.3g}")
+    for r in results:
+        if "base" in r:
+            print(f"{r['model']}: base {r['base']}, {r['base_quantization'] or 'full precision'}")
     for r in results:
         if r["routing"]:
             print(f"\nrouting of {r['model']} over the evaluated tokens:\n{routing_table(r['routing'])}")
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text",
-                       description="Generate a reply (chat template when the tokenizer has one).")
-    p.add_argument("path", help="upcycled checkpoint dir, or any source convert accepts")
+    p = sub.add_parser("generate", help="generate text", description=(
+        "Generate a reply (chat template when the tokenizer has one) with an upcycled checkpoint, an adapter (on "
+        "its recorded base; a QLoRA adapter on its base quantised as trained), an ESFT checkpoint or any source."))
+    p.add_argument("path", help="upcycled checkpoint dir, adapter dir, ESFT checkpoint, or any source convert accepts")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat-template", action="store_true")
+    _add_adapter_flags(p)
     _add_runtime_flags(p)
     p.set_defaults(func=_generate)
 
@@ -309,7 +321,9 @@ def _generate(a) -> None:
         raise UpcycleError(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
     if not a.temperature >= 0:
         raise UpcycleError(f"--temperature must be >= 0, got {a.temperature}")
-    model, tok = load_model_and_tokenizer(a.path, a.experts_backend, _device(a))
+    model, tok = load_model_and_tokenizer(a.path, a.experts_backend, _device(a), base=a.base, merge=a.merge)
+    if getattr(model, "upcycle_adapted", None) is not None:  # which model answers: on stderr, the reply alone on stdout
+        logging.getLogger("upcycle").info(model.upcycle_adapted.describe())
     print(generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, not a.no_chat_template, a.seed))
 
 

@@ -1,6 +1,8 @@
-"""Evaluation and generation on upcycled checkpoints and on their dense sources (loaded by ``upcycle.models``).
+"""Evaluation and generation on upcycled checkpoints, adapters, ESFT checkpoints and dense sources
+(loaded by ``upcycle.models.loader``).
 
     upcycle eval runs/smollm2-moe --text play.txt --baseline
+    upcycle eval runs/qlora/checkpoints/last --text play.txt --baseline      # the adapter and its base
     upcycle generate runs/smollm2-moe --prompt "What is a sonnet?"
 """
 
@@ -26,6 +28,51 @@ def read_text(path: str) -> str:
             return f.read()
     except UnicodeDecodeError:
         raise UpcycleError(f"{path} is not UTF-8 text") from None
+
+
+def eval_plan(path: str, baseline: str | None, *, base: str | None = None,
+              merge: bool = False) -> list[tuple[str, dict, str | None]]:
+    """What ``upcycle eval`` evaluates, in table order (the baseline first): (spec, keywords for
+    ``load_model_and_tokenizer``, what the row is, or None to let the loaded model say).
+
+    ``baseline``: a model to compare with, or ``"@source"`` (``--baseline`` without a value): an
+    upcycled checkpoint's dense source, an adapter's or ESFT checkpoint's base. An adapter's or
+    ESFT checkpoint's base is found and checked here, once, before anything loads.
+    """
+    from upcycle.models.loader import checkpoint_kind
+
+    kind = checkpoint_kind(path)  # a directory that is neither a model nor an adapter: one line now
+    if kind not in ("adapter", "esft") and (base or merge):
+        raise UpcycleError(f"{'--base' if base else '--merge'} applies to an adapter directory or an ESFT "
+                           f"checkpoint; {path} is a model itself")
+    main: tuple[str, dict, str | None] = (path, {}, None)
+    if kind == "adapter":
+        from upcycle.adapters.adapted import resolve_base
+
+        base = resolve_base(path, base)
+        main = (path, {"base": base, "merge": merge, "verify_base": False}, None)
+    elif kind == "esft":
+        from upcycle.models.esft import esft_base, read_esft_config
+
+        base = esft_base(path, read_esft_config(path), base)
+        main = (path, {"base": base, "verify_base": False}, "ESFT checkpoint on its base")
+    if not baseline:
+        return [main]
+    if baseline != "@source":
+        return [(baseline, {}, "baseline"), main]
+    if base is not None:
+        return [(base, {}, "base"), main]
+    from upcycle.models.recorded import reopen_source
+    from upcycle.models.upcycled import describe
+
+    info = describe(path)
+    if not info["upcycled"]:
+        raise UpcycleError("--baseline without a value needs an upcycled checkpoint (it evaluates its source), an "
+                           "adapter or an ESFT checkpoint (their base)")
+    # The recorded source, found and checked by its fingerprint: never another model of the same name.
+    source = reopen_source(info["source"], info["source_fingerprint"], what=f"the dense source of {path}",
+                           near=path, hint="; name the model to compare with: --baseline PATH")
+    return [(source, {}, "dense source"), main]
 
 
 def check_token_ids(model, max_id: int, what: str) -> None:

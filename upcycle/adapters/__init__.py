@@ -5,6 +5,7 @@
     apply_lora(model, LoraConfig(r=8, alpha=16))       # attention q/k/v/o + every expert
     ...train...
     save_adapter(model, "runs/adapter", base_path="runs/smollm2-moe")
+    model = load_adapted("runs/adapter")               # its base (NF4 if trained so) with it on: upcycle.load does this
 """
 
 from upcycle.adapters.config import LoraConfig
@@ -31,12 +32,15 @@ from upcycle.adapters.qlora import (
 )
 from upcycle.adapters.shared import SharedStackedExperts, share_experts, shared_base_report, unshare_experts
 from upcycle.adapters.merge import merge_command
+from upcycle.adapters.adapted import Adapted, load_adapted, resolve_base
+from upcycle.adapters.nf4_record import nf4_record, quantize_as_recorded
 from upcycle.adapters.peft_io import (
     adapter_base,
     adapter_state_dict,
     base_fingerprint,
     check_base,
     describe_adapter,
+    is_adapter_dir,
     load_adapter,
     load_adapter_weights,
     lora_config_from_peft,
@@ -48,6 +52,7 @@ from upcycle.adapters.peft_io import (
 LORA_WRAPPERS[NF4Linear] = LoraLinear
 
 __all__ = [
+    "Adapted",
     "DEFAULT_TARGETS",
     "NF4Linear",
     "NF4StackedExperts",
@@ -67,6 +72,8 @@ __all__ = [
     "base_fingerprint",
     "check_base",
     "describe_adapter",
+    "is_adapter_dir",
+    "load_adapted",
     "load_adapter",
     "load_adapter_weights",
     "lora_config_from_peft",
@@ -76,7 +83,10 @@ __all__ = [
     "merge_and_unload",
     "merge_command",
     "merge_lora",
+    "nf4_record",
+    "quantize_as_recorded",
     "read_adapter_config",
+    "resolve_base",
     "save_adapter",
     "SharedStackedExperts",
     "share_experts",

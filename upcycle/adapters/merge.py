@@ -19,12 +19,10 @@ import os
 
 from tqdm.auto import tqdm
 
-from upcycle.adapters.inject import lora_modules, merge_and_unload
-from upcycle.adapters.peft_io import adapter_base, load_adapter, read_adapter_config
+from upcycle.adapters.adapted import load_adapted, resolve_base
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_dir, is_upcycled_dir
 from upcycle.models.esft import esft_base, is_esft_dir, load_esft, read_esft_config
-from upcycle.models.loader import load_model
 from upcycle.models.sources import open_source
 
 
@@ -42,18 +40,14 @@ def merge_command(adapter_dir: str, out: str, base: str | None = None, progress:
         raise UpcycleError(exists)
     if is_esft_dir(adapter_dir):
         return _merge_esft(adapter_dir, out, base, exists, progress)
-    raw = read_adapter_config(adapter_dir)
     # Found and checked before anything big is loaded.
     # (Also reached from `upcycle export ADAPTER`, which has no --base: the hint names merge.)
-    base = adapter_base(adapter_dir, raw, base, hint=f"; give the right one: upcycle merge {adapter_dir} --base BASE "
-                                                    "--out DIR")
+    base = resolve_base(adapter_dir, base, hint=f"; give the right one: upcycle merge {adapter_dir} --base BASE "
+                                                "--out DIR")
     with _Stages(progress) as stage:
-        stage("loading the base")
-        model = load_model(base)
-        load_adapter(model, adapter_dir, base_path=base, verify_base=False)
-        stage("merging")
-        n = len(lora_modules(model))
-        merge_and_unload(model)
+        # The very model upcycle.load(adapter_dir, merge=True) gives (the adapter folded into the full-precision base).
+        model = load_adapted(adapter_dir, base, merge=True, verify_base=False, stage=stage)
+        n = model.upcycle_adapted.modules
         stage("writing")
         _write(model, base, out, exists)
     return {"out": out, "base": base, "upcycled": is_upcycled_dir(out), "merged_modules": n}

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from upcycle.adapters.config import LoraConfig
 from upcycle.adapters.inject import CONFIG_ATTR, apply_lora, lora_modules, unload_lora
 from upcycle.adapters.lora import LoraExperts
+from upcycle.adapters.nf4_record import describe_record, nf4_record
 from upcycle.errors import UpcycleError
 from upcycle.io import atomic_path, read_json_object, read_safetensors, write_json
 from upcycle.models.recorded import check_fingerprint, record_source, reopen_source
@@ -48,7 +49,9 @@ from upcycle.version import __version__
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-FORMAT_VERSION = 1
+# 2: the upcycle section records how the base was quantised (``quantization``: an NF4 record, or null for a
+# full-precision base); version-1 adapters lack the key (``adapters.adapted`` says what it does about that).
+FORMAT_VERSION = 2
 
 
 def _base_of(model, base_path):
@@ -146,6 +149,9 @@ def _peft_config(model, cfg: LoraConfig, base: str, fingerprint: str) -> dict:
             # Expert-specialised fine-tuning: per experts module, the experts that have an adapter (the
             # tensors hold their rows only, in this order). PEFT cannot load such an adapter.
             "experts_subset": subset or None,
+            # QLoRA: the NF4 base the adapter was fitted to (modules, blocksize, double quantisation, shared
+            # base, dtypes), so loading it rebuilds that base instead of the full-precision one.
+            "quantization": nf4_record(model),
         },
     }
 
@@ -171,6 +177,11 @@ def save_adapter(model, out_dir: str, base_path: str | None = None, *, fingerpri
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(out_dir, CONFIG_NAME), config)
     return out_dir
+
+
+def is_adapter_dir(path) -> bool:
+    """A directory holding an adapter (its ``adapter_config.json``), whatever else it holds."""
+    return os.path.isfile(os.path.join(str(path), CONFIG_NAME))
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
@@ -326,11 +337,15 @@ def describe_adapter(adapter_dir: str) -> dict:
             params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     experts = ext.get("experts") or {}
     return {
-        "path": adapter_dir, "kind": "LoRA adapter", "r": raw["r"], "alpha": raw["lora_alpha"],
+        "path": adapter_dir,
+        "kind": "QLoRA adapter (LoRA on an NF4 base)" if ext.get("quantization") else "LoRA adapter",
+        "r": raw["r"], "alpha": raw["lora_alpha"],
         "dropout": ext.get("lora_dropout", raw.get("lora_dropout", 0.0)), "use_rslora": raw.get("use_rslora", False),
         "target_modules": raw.get("target_modules"), "target_parameters": raw.get("target_parameters"),
         "linear_modules": len(ext.get("linear_modules") or []), "expert_layers": len(experts.get("modules") or []),
         "train_router": "router" in (raw.get("modules_to_save") or []), "adapter_params": params,
         "experts_subset": {n: len(ids) for n, ids in (ext.get("experts_subset") or {}).items()} or None,
         "base": raw.get("base_model_name_or_path"), "base_fingerprint": ext.get("base_fingerprint"),
+        "base_quantization": (describe_record(ext["quantization"]) if "quantization" in ext
+                              else "not recorded (saved before upcycle recorded it)" if ext else None),
     }

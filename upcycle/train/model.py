@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UpcycleError
-from upcycle.models.loader import load_model_and_tokenizer
+from upcycle.models.loader import checkpoint_kind, load_model_and_tokenizer
 from upcycle.moe.block import moe_blocks
 from upcycle.arch import arch_spec
 from upcycle.train.config import TrainConfig
@@ -68,6 +68,9 @@ def build_model(cfg: TrainConfig, device: torch.device, source: str | None = Non
     path = source or cfg.model
     if not os.path.exists(path) and path.startswith(("runs/", "./", "/")):
         raise UpcycleError(f"model not found: {path} (convert one first: upcycle convert --layers 6 --experts 32)")
+    if checkpoint_kind(path) == "adapter":  # upcycle.load would attach it, and the recipe would train over it
+        raise UpcycleError(f"model {path} is an adapter: train on its base (model=BASE; resume=auto continues its "
+                           f"run), or on the model with it folded in (upcycle merge {path} --out DIR, then model=DIR)")
     # Load on the CPU in float32 (master weights); autocast gives bf16 compute on a GPU.
     model, tokenizer = load_model_and_tokenizer(path, experts_backend=cfg.experts_backend)
     model.float()
