@@ -157,3 +157,19 @@ def test_plot_shows_degrouping_of_a_fine_grained_run(fine, corpus, tmp_path):  #
 
     summary = matplotlib.image.imread(next(p for p in paths if p.endswith("routing_summary.png")))
     assert summary.shape[0] == 1000  # 10 in at 100 dpi: four panels, the fourth the de-grouped share
+
+
+def test_qlora_adapter_of_a_shared_expert_upcycle_loads_on_its_nf4_base(fine, tmp_path):
+    """Issues 20 x 22: the adapter's quantisation record covers the shared expert's NF4 projections, so
+    ``upcycle.load(adapter)`` rebuilds the very model that was trained (codes and all), not the fp32 base."""
+    model = upcycle.load(str(fine), experts_backend="grouped_mm")
+    quantize_model(model)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    _randomize(model)
+    model.eval()
+    want = _logits(model)
+    save_adapter(model, str(tmp_path / "ad"), base_path=str(fine))
+    loaded = upcycle.load(str(tmp_path / "ad"), experts_backend="grouped_mm")
+    block = next(iter(moe_blocks(loaded).values()))
+    assert isinstance(block.shared_expert.down_proj.base_layer, NF4Linear)
+    torch.testing.assert_close(_logits(loaded), want, **F32)
