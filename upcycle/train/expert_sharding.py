@@ -58,9 +58,6 @@ def check_request(cfg, world: int) -> None:
     N = cfg.expert_parallel
     if N == 1:
         return
-    if world % N:
-        raise UpcycleError(f"expert_parallel={N} needs a multiple of {N} processes (torchrun --nproc-per-node "
-                           f"{N} ...), this run has {world}")
     if cfg.experts_subset is not None:
         raise UpcycleError("expert_parallel with experts_subset is not supported: an ESFT checkpoint is written from "
                            "rank 0's own experts, which expert parallelism shards; train the subset without it")
@@ -71,6 +68,21 @@ def check_request(cfg, world: int) -> None:
     if experts is not None and experts % N:
         raise UpcycleError(f"expert_parallel={N} must divide the number of experts of every MoE layer; "
                            f"{cfg.model} has {experts}")
+    if world % N:
+        raise UpcycleError(f"expert_parallel={N} needs a multiple of {N} processes (torchrun --nproc-per-node "
+                           f"{N} ...), this run has {world}")
+
+
+def check_model(model: nn.Module, cfg) -> None:
+    """UpcycleError unless ``cfg.expert_parallel`` divides the experts of every MoE layer of the loaded ``model``."""
+    N = cfg.expert_parallel
+    if N == 1:
+        return
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise UpcycleError(f"expert_parallel={N} needs an MoE model; {cfg.model} has no MoE layer")
+    for block in blocks.values():
+        local_range(block.cfg.num_experts, 0, N)
 
 
 def _num_experts_on_disk(model: str) -> int | None:
@@ -320,11 +332,8 @@ def build_layout(model: nn.Module, d, cfg) -> ExpertLayout | None:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
+    check_model(model, cfg)
     blocks = moe_blocks(model)
-    if not blocks:
-        raise UpcycleError(f"expert_parallel={N} needs an MoE model; {cfg.model} has no MoE layer")
-    for name, block in blocks.items():
-        local_range(block.cfg.num_experts, 0, N)  # one line if N does not divide E
     mesh = init_device_mesh(d.device.type, (d.world // N, N), mesh_dim_names=("edp", "ep"))
     layout = ExpertLayout(size=N, world=d.world, strategy=cfg.distributed, mesh=mesh)
     group = layout.ep_group
@@ -357,10 +366,15 @@ def wrap(model: nn.Module, d, layout: ExpertLayout) -> nn.Module:
     for experts in layout.expert_modules.values():
         fully_shard(experts, mesh=layout.mesh["edp"])
         experts.set_gradient_divide_factor(float(layout.world))
+        if layout.replicas > 1:
+            # A custom factor makes FSDP2 reduce with PREMUL_SUM, which gloo lacks (and which had bugs on NCCL,
+            # pytorch#155915): a plain SUM and one division afterwards instead. Not on a one-rank mesh: there
+            # torch 2.13's foreach_reduce divides while copying and, forced to SUM, divides again afterwards.
+            experts.set_force_sum_reduction_for_comms(True)
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
     return model
 
 
-__all__ = ["ExpertLayout", "build_layout", "check_request", "wrap"]
+__all__ = ["ExpertLayout", "build_layout", "check_model", "check_request", "wrap"]

@@ -119,6 +119,7 @@ class Trainer:
         kind = cfg.checkpoint_kind
         full_resume = self.resume_from if self.resume_from and kind == "full" else None
         model, self.tokenizer, self.model_info = build_model(cfg, d.device, source=full_resume)
+        expert_sharding.check_model(model, cfg)
         self.fingerprint = None
         if kind != "full":  # adapter or ESFT checkpoints: what was trained, over the recipe's model
             from upcycle.adapters import base_fingerprint
