@@ -63,47 +63,41 @@ class CommCounter:
             self.bytes[kind] = self.bytes.get(kind, 0.0) + n
 
     def install(self) -> None:
-        import torch.distributed as dist
+        import inspect
 
-        def size(group) -> int:
-            return dist.get_world_size(group)
+        import torch.distributed as dist
 
         def nbytes(t) -> int:
             return t.numel() * t.element_size()
 
-        rules = {  # name -> (kind, bytes sent by this rank)
-            "all_reduce": ("all-reduce", lambda a, k: 2 * (size(k.get("group")) - 1) / size(k.get("group"))
-                           * nbytes(a[0])),
-            "all_gather_single": ("all-gather", lambda a, k: (size(k.get("group")) - 1) * nbytes(a[1])),
-            "all_gather_into_tensor": ("all-gather", lambda a, k: (size(k.get("group")) - 1) * nbytes(a[1])),
-            "reduce_scatter_single": ("reduce-scatter", lambda a, k: (size(k.get("group")) - 1) / size(k.get("group"))
-                                      * nbytes(k["input"] if "input" in k else a[1])),
-            "reduce_scatter_tensor": ("reduce-scatter", lambda a, k: (size(k.get("group")) - 1) / size(k.get("group"))
-                                      * nbytes(a[1])),
+        ring = {  # name -> (kind, tensor argument, bytes sent by this rank for S bytes of it on W ranks)
+            "all_reduce": ("all-reduce", "tensor", lambda S, W: 2 * (W - 1) / W * S),
+            "all_gather_single": ("all-gather", "input_tensor", lambda S, W: (W - 1) * S),
+            "all_gather_into_tensor": ("all-gather", "input_tensor", lambda S, W: (W - 1) * S),
+            "reduce_scatter_single": ("reduce-scatter", "input", lambda S, W: (W - 1) / W * S),
+            "reduce_scatter_tensor": ("reduce-scatter", "input", lambda S, W: (W - 1) / W * S),
         }
-        for name, (kind, rule) in rules.items():
+        for name, (kind, arg, rule) in ring.items():
             fn = getattr(dist, name, None)
             if fn is None:
                 continue
+            sig = inspect.signature(fn)
 
-            def wrapped(*a, _fn=fn, _kind=kind, _rule=rule, **k):
-                self.add(_kind, _rule(a, k))
+            def wrapped(*a, _fn=fn, _sig=sig, _kind=kind, _arg=arg, _rule=rule, **k):
+                bound = _sig.bind(*a, **k).arguments
+                W = dist.get_world_size(bound.get("group"))
+                self.add(_kind, _rule(nbytes(bound[_arg]), W))
                 return _fn(*a, **k)
 
             setattr(dist, name, wrapped)
 
-    def ddp_hook(self, ddp) -> None:
-        """Count DDP's bucket all-reduces (the C++ reducer calls the process group directly)."""
-        import torch.distributed as dist
+    @staticmethod
+    def ddp_hook(ddp) -> None:
+        """Route DDP's bucket all-reduces through ``torch.distributed.all_reduce`` (counted there): its C++
+        reducer would call the process group directly. The default hook does what DDP does."""
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        W = dist.get_world_size()
-
-        def hook(state, bucket):
-            self.add("all-reduce", 2 * (W - 1) / W * bucket.buffer().numel() * bucket.buffer().element_size())
-            return allreduce_hook(None, bucket)
-
-        ddp.register_comm_hook(None, hook)
+        ddp.register_comm_hook(None, allreduce_hook)
 
 
 def local_bytes(t) -> int:
@@ -170,6 +164,7 @@ def worker(spec_path: str) -> None:
             json.dump({"ranks": everyone, "world": t.d.world, "steps_timed": spec["steps"] - 1}, f)
     from upcycle.train import distributed
 
+    t.d.barrier()  # leave together: a rank still in a collective when another tears the group down can hang
     distributed.shutdown()
 
 
@@ -274,10 +269,11 @@ def summarize(name: str, layout: str, res: dict | None, sizes: dict, args) -> di
 
 
 def fits(layout: str, sizes: dict, args) -> bool:
-    """Would this layout's processes fit in --memory-gb? (Every rank loads the whole fp32 model first.)"""
+    """Would this layout's processes fit in --memory-gb? Each rank loads the whole fp32 model (P) before
+    sharding it, then holds params + grads + AdamW (4P, or 4P/W sharded); 30% on top for activations."""
     world, strategy, ep = LAYOUTS[layout]
     P = sizes["total"]
-    per_rank = 4 * P if strategy == "ddp" else 4 * P / world + P  # held + a whole load before sharding
+    per_rank = 4 * P if strategy == "ddp" else max(P, 4 * P / world)
     return world * per_rank * 1.3 < args.memory_gb * 2**30
 
 
