@@ -12,7 +12,8 @@ along "edp", the W/N ranks holding the same experts are data-parallel replicas o
   without expert parallelism (DDP, or FSDP2 ``fully_shard`` per decoder layer).
 * Experts: FSDP2-sharded over their "edp" replicas (``distributed: fsdp``), or replicated there
   with one all-reduce of their gradients per step after the last micro-batch (``ddp``; DDP
-  itself ignores them: each rank's differ).
+  itself ignores them: each rank's differ). Without replicas (N = W) they are plain tensors
+  under either strategy (FSDP2 ignores them): nothing to shard them over or reduce them with.
 * Gradient scale: every rank's loss is multiplied by W (the trainer's rule, so that DDP's and
   FSDP's averages over W give the global batch's gradient). An expert's gradient already holds
   the tokens of all N ranks of its group (they were sent to it), so summing it over its W/N
@@ -133,13 +134,23 @@ class ExpertLayout:
     def replicas(self) -> int:
         return self.world // self.size
 
+    @property
+    def experts_fsdp(self) -> bool:
+        """The experts are FSDP2-sharded over their replicas (``fsdp`` with replicas to shard over); else they
+        are plain tensors whose gradients ``reduce_expert_grads`` reduces once per step."""
+        return self.strategy == "fsdp" and self.replicas > 1
+
     def describe(self) -> str:
         E = sorted(set(self.num_experts.values()))
         per = ", ".join(f"{e // self.size} of {e}" for e in E)
         rest = "FSDP2 over all ranks" if self.strategy == "fsdp" else "DDP over all ranks"
-        experts = "FSDP2-sharded over" if self.strategy == "fsdp" else "replicated on"
+        if self.replicas == 1:
+            experts = "no replica"
+        else:
+            how = "FSDP2-sharded over" if self.experts_fsdp else "replicated on"
+            experts = f"{how} {self.replicas} ranks"
         return (f"expert parallel: {self.replicas} group(s) of {self.size} consecutive ranks; each rank holds {per} "
-                f"experts per MoE layer, {experts} its {self.replicas} replica rank(s); the rest of the model: {rest}")
+                f"experts per MoE layer ({experts}); the rest of the model: {rest}")
 
     def traffic(self) -> dict[str, int]:
         """Bytes this rank sent to other ranks through the dispatchers (see ``ExpertParallel.traffic``), summed."""
@@ -159,7 +170,8 @@ class ExpertLayout:
         return [p for m in self.expert_modules.values() for p in m.parameters() if p.requires_grad]
 
     def reduce_expert_grads(self) -> None:
-        """DDP: sum the experts' gradients over their replicas and divide by the world (module docstring)."""
+        """Unless FSDP2 reduces them (``experts_fsdp``): sum the experts' gradients over their replicas (if any)
+        and divide by the world (module docstring). Once per step, after the last micro-batch."""
         params = self.expert_params()
         if not params:
             return
@@ -283,6 +295,16 @@ class ExpertLayout:
                 setattr(m, name, old)
 
 
+def full_gradients(model: nn.Module, d, layout: ExpertLayout | None) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as one process would hold it, by checkpoint name, on the main process ({}
+    elsewhere): gathered from FSDP2 shards and expert-parallel ranks. A collective: every process calls it."""
+    named = {name.removeprefix("module."): p.grad for name, p in model.named_parameters() if p.grad is not None}
+    if layout is not None:
+        return layout.full_tensors(named, d.main)
+    full = {k: (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu() for k, g in named.items()}
+    return full if d.main else {}
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters())
     return p.device if p.device.type != "meta" else torch.device("cpu")
@@ -363,18 +385,20 @@ def wrap(model: nn.Module, d, layout: ExpertLayout) -> nn.Module:
 
     from upcycle.train.model import decoder_layers
 
-    for experts in layout.expert_modules.values():
-        fully_shard(experts, mesh=layout.mesh["edp"])
-        experts.set_gradient_divide_factor(float(layout.world))
-        if layout.replicas > 1:
+    ignored = None
+    if layout.experts_fsdp:
+        for experts in layout.expert_modules.values():
+            fully_shard(experts, mesh=layout.mesh["edp"])
+            experts.set_gradient_divide_factor(float(layout.world))
             # A custom factor makes FSDP2 reduce with PREMUL_SUM, which gloo lacks (and which had bugs on NCCL,
-            # pytorch#155915): a plain SUM and one division afterwards instead. Not on a one-rank mesh: there
-            # torch 2.13's foreach_reduce divides while copying and, forced to SUM, divides again afterwards.
+            # pytorch#155915): a plain SUM and one division afterwards instead.
             experts.set_force_sum_reduction_for_comms(True)
+    else:  # no replicas to shard over: plain tensors, their gradients divided by the world after the last micro-batch
+        ignored = set(layout.expert_params()) | {p for m in layout.expert_modules.values() for p in m.parameters()}
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
     return model
 
 
-__all__ = ["ExpertLayout", "build_layout", "check_model", "check_request", "wrap"]
+__all__ = ["ExpertLayout", "build_layout", "check_model", "check_request", "full_gradients", "wrap"]

@@ -303,7 +303,7 @@ class Trainer:
             ce_sum += ce.detach().double().cpu()
             aux_sum += float(aux.detach())
             tokens += n_tok
-        if self.layout is not None and self.layout.strategy == "ddp":
+        if self.layout is not None and not self.layout.experts_fsdp:
             self.layout.reduce_expert_grads()  # once per step, after the last micro-batch (as DDP's all-reduce)
         sums = d.all_sum(torch.tensor([ce_sum.item(), aux_sum, tokens], dtype=torch.float64))
         lm_loss, aux_mean = sums[0].item() / max(n_targets, 1), sums[1].item() / n_micro
@@ -336,16 +336,8 @@ class Trainer:
         return float(norm)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Every parameter's gradient as one process would hold it, by checkpoint name, on the main process
-        ({} elsewhere): gathered from FSDP shards and expert-parallel ranks. A collective: every process calls it."""
-        from torch.distributed.tensor import DTensor
-
-        named = {name.removeprefix("module."): p.grad for name, p in self.model.named_parameters()
-                 if p.grad is not None}
-        if self.layout is not None:
-            return self.layout.full_tensors(named, self.d.main)
-        full = {k: (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu() for k, g in named.items()}
-        return full if self.d.main else {}
+        """Every gradient as one process would hold it, by parameter name, on the main process ({} elsewhere)."""
+        return expert_sharding.full_gradients(self.model, self.d, self.layout)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -404,7 +396,10 @@ def train(cfg: TrainConfig) -> dict:
     trainer = None
     try:
         trainer = Trainer(cfg)
-        return trainer.run()
+        summary = trainer.run()
+        # gloo aborts a rank whose peer tears the group down while a message is still in flight: leave together.
+        trainer.d.barrier()
+        return summary
     finally:
         distributed.shutdown()
 
