@@ -232,9 +232,9 @@ def run_layout(model: str, layout: str, args, tmp: str) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
+    if r.returncode != 0:  # reported as a row (a rank killed for memory, typically), the other layouts still run
         print(r.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{layout} on {model} failed")
+        return {"failed": r.returncode}
     with open(result) as f:
         out = json.load(f)
     out["wall_s"] = time.perf_counter() - t0
@@ -254,6 +254,8 @@ def summarize(name: str, layout: str, res: dict | None, sizes: dict, args) -> di
         return {"layout": layout, "world": world, "sent": sent, "bytes_step": sum(sent.values()),
                 "bytes_token": sum(sent.values()) / tokens_per_rank_step, "memory": mem,
                 "held": mem["params"] + mem["grads"] + mem["optimizer"], "time": None, "rss": None, "skipped": False}
+    if "failed" in res:
+        return {"layout": layout, "skipped": True, "failed": res["failed"]}
     ranks = res["ranks"]
     steps = res["steps_timed"]
     kinds = sorted({k for r in ranks for k in r["sent"] if k != "rows sent"})
@@ -295,7 +297,9 @@ def print_table(name: str, sizes: dict, rows: list[dict], args) -> None:
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
         if r.get("skipped"):
-            print(f"| {r['layout']} | not run (does not fit {args.memory_gb} GB) | | | | | | | |")
+            why = (f"failed (exit {r['failed']}; -9: killed, out of memory)" if "failed" in r
+                   else f"not run (does not fit {args.memory_gb} GB)")
+            print(f"| {r['layout']} | {why} | | | | | | | |")
             continue
         a2a = r["sent"].get("all-to-all rows", 0.0) + r["sent"].get("all-to-all counts", 0.0)
         note = "" if r["time"] is not None else " (exact from sizes; not run: does not fit)"
