@@ -73,6 +73,9 @@ class MoEBlock(nn.Module):
                                           dtype=dtype, device=device) if shared_ffn_size else None
         for message in self.scheme.build_warnings():
             warnings.warn(message, stacklevel=2)
+        self.expert_parallel: nn.Module | None = None
+        """Set when the experts are sharded over ranks (``upcycle.moe.expert_parallel``): ``experts`` then
+        holds this rank's experts only, and this module sends each token to its experts' rank and back."""
         self.record_stats = True
         self.token_mask: Tensor | None = None
         """bool [B, S] of the current forward (True = real token); None: every token is real."""
@@ -138,7 +141,11 @@ class MoEBlock(nn.Module):
         x_BSD = hidden_states.reshape(-1, *shape[-2:])
         r = self.route(x_BSD, token_mask)
         x_TD = x_BSD.reshape(-1, self.hidden_size)
-        y_TD = self.experts(x_TD, r.token_idx_A, r.expert_idx_A, r.weight_A, expert_major=self.scheme.expert_major)
+        if self.expert_parallel is None:
+            y_TD = self.experts(x_TD, r.token_idx_A, r.expert_idx_A, r.weight_A, expert_major=self.scheme.expert_major)
+        else:
+            y_TD = self.expert_parallel(self.experts, x_TD, r.token_idx_A, r.expert_idx_A, r.weight_A,
+                                        expert_major=self.scheme.expert_major)
         if self.shared_expert is not None:
             shared_TD = self.shared_expert(x_TD)
             mask = self._mask_for(x_BSD, token_mask)

@@ -15,6 +15,7 @@ kill mid-save leaves the previous checkpoints whole; the oldest are deleted beyo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -167,32 +168,30 @@ def check_adapter_base(path: str, model: str, fingerprint: str | None, kind: str
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dict, *, kind: str,
-                    tokenizer, base_path: str, fingerprint: str | None, keep_last: int | None, d) -> str:
+                    tokenizer, base_path: str, fingerprint: str | None, keep_last: int | None, d,
+                    layout=None) -> str:
     """Write checkpoint ``step`` (a collective call: every process must enter it). ``kind``: ``full``
     (the whole model), ``adapter`` (the LoRA adapter) or ``esft`` (the trained experts and modules;
-    ``state["experts_subset"]`` names the experts)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=opts) if kind == "full" else None
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    ``state["experts_subset"]`` names the experts). ``layout``: the run's ``ExpertLayout`` if its experts
+    are sharded over ranks: gathered to the main process first, so the checkpoint is the one-process one."""
+    whole_adapters = contextlib.nullcontext()
+    if layout is not None:
+        model_sd = layout.full_model_state_dict(model, d.main) if kind == "full" else None
+        optim_sd = layout.full_optimizer_state_dict(model, optimizer, d.main)
+        if kind == "adapter":
+            whole_adapters = layout.whole_adapters(unwrap(model), d.main)
+    else:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(model, options=opts) if kind == "full" else None
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     rng = d.gather_objects({"cpu": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None})
     final = os.path.join(out, "checkpoints", f"step-{step:06d}")
+    with whole_adapters:
+        if d.main:
+            _write(final, model, model_sd, optim_sd, scheduler, state, step, kind, tokenizer, base_path, fingerprint,
+                   rng, d.world)
     if d.main:
-        inner = unwrap(model)
-        # The same step saved again (a resumed run) is swapped whole.
-        with atomic_dir(final, overwrite=True) as tmp:
-            if kind == "adapter":
-                save_adapter(inner, tmp, base_path=base_path, fingerprint=fingerprint)
-            elif kind == "esft":
-                sub = state["experts_subset"]
-                save_esft(inner, tmp, base_path=base_path, fingerprint=fingerprint, subset=sub["experts"],
-                          settings=sub["settings"])
-            else:
-                inner.save_pretrained(tmp, state_dict=model_sd)
-            tokenizer.save_pretrained(tmp)
-            torch.save({**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng, "world": d.world},
-                       os.path.join(tmp, STATE_NAME))
-            torch.save(optim_sd, os.path.join(tmp, OPTIM_NAME))
         _point_last(out, final)
         kept = checkpoint_dirs(out)
         if keep_last is not None:
@@ -203,6 +202,26 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, state: dic
                 os.remove(os.path.join(old, OPTIM_NAME))
     d.barrier()
     return final
+
+
+def _write(final: str, model, model_sd, optim_sd, scheduler, state: dict, step: int, kind: str, tokenizer,
+           base_path: str, fingerprint: str | None, rng, world: int) -> None:
+    """The main process's part of ``save_checkpoint``: the checkpoint directory, written aside and renamed."""
+    inner = unwrap(model)
+    # The same step saved again (a resumed run) is swapped whole.
+    with atomic_dir(final, overwrite=True) as tmp:
+        if kind == "adapter":
+            save_adapter(inner, tmp, base_path=base_path, fingerprint=fingerprint)
+        elif kind == "esft":
+            sub = state["experts_subset"]
+            save_esft(inner, tmp, base_path=base_path, fingerprint=fingerprint, subset=sub["experts"],
+                      settings=sub["settings"])
+        else:
+            inner.save_pretrained(tmp, state_dict=model_sd)
+        tokenizer.save_pretrained(tmp)
+        torch.save({**state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng, "world": world},
+                   os.path.join(tmp, STATE_NAME))
+        torch.save(optim_sd, os.path.join(tmp, OPTIM_NAME))
 
 
 def _point_last(out: str, final: str) -> None:
@@ -233,7 +252,7 @@ def load_trainer_state(path: str) -> dict:
 _RECIPE_GROUP_KEYS = ("initial_lr", "betas", "eps", "weight_decay")
 
 
-def restore(state: dict, model, optimizer, scheduler, d) -> None:
+def restore(state: dict, model, optimizer, scheduler, d, layout=None) -> None:
     """Optimiser, scheduler and RNG from a loaded ``trainer_state`` (the weights are loaded already), with the
     recipe's settings applied from the checkpoint's step on.
 
@@ -242,10 +261,14 @@ def restore(state: dict, model, optimizer, scheduler, d) -> None:
     says otherwise. So the recipe's are put back, and every group's learning rate is the schedule's
     (a function of the step and the run's length: ``lr_factor``) at this step: what a fresh run with
     this recipe has at this step. Unchanged settings give the same bits as before (resume is exact).
+
+    ``layout``: the run's ``ExpertLayout`` if its experts are sharded: each rank takes its experts' rows of
+    the (one-process) optimiser state, whatever layout saved it.
     """
     recipe = [{k: g[k] for k in ("name", *_RECIPE_GROUP_KEYS) if k in g} for g in optimizer.param_groups]
     try:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"],
+        optim_sd = state["optimizer"] if layout is None else layout.local_optimizer_state(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_sd,
                                  options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError) as e:
         raise UpcycleError(f"the checkpoint's optimiser state does not fit this model ({type(e).__name__}: "

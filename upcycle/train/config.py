@@ -183,6 +183,11 @@ class TrainConfig:
     checkpoints then hold only what was trained (``upcycle merge`` / ``upcycle.load`` rebuild the model)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: replicate (DDP) or shard parameters, gradients and optimiser state (FSDP2)."""
+    expert_parallel: int = 1
+    """Under torchrun: split every MoE layer's experts over groups of this many consecutive processes
+    (each holds E/N whole experts; tokens travel to them by all-to-all); the rest of the model, and each
+    expert's replicas across groups, stay data-parallel as ``distributed`` says. 1: off. Must divide the
+    number of processes and of experts."""
     progress: bool = True
     """Show a progress bar (loss, lr, tokens/s, ETA)."""
     tensorboard: bool = True
@@ -225,6 +230,8 @@ class TrainConfig:
         if self.experts_backend not in EXPERT_BACKENDS:
             raise UpcycleError(f"experts_backend must be one of {', '.join(EXPERT_BACKENDS)}, "
                                f"got {self.experts_backend!r}")
+        if isinstance(self.expert_parallel, bool) or not (isinstance(self.expert_parallel, int) and self.expert_parallel >= 1):
+            raise UpcycleError(f"expert_parallel must be a positive integer, got {self.expert_parallel!r}")
         if self.nf4 and self.lora is None:
             raise UpcycleError("nf4 (QLoRA) quantises a frozen base: it needs a lora section")
         if self.checkpoint == "adapter" and self.lora is None:

@@ -106,6 +106,8 @@ def _announce(t) -> None:
                f"({t.micro_per_step // t.d.world} micro-batches of {cfg.micro_batch_size} x {t.d.world} process(es))",
              f"steps: {t.total_steps} ({t.total_steps / t.steps_per_epoch:.2f} epochs); "
              f"MoE layers: {t.model_info['moe_layers']}"]
+    if t.layout is not None:
+        lines.append(t.layout.describe())
     if t.changes:
         changed = ", ".join(f"{k} {was} -> {now}" for k, (was, now) in t.changes.items())
         lines.append(f"changed since the checkpoint, applied from step {t.step + 1} as a fresh run with them would: "

@@ -32,7 +32,7 @@ from upcycle.inference import check_token_ids
 from upcycle.io import write_json, write_text
 from upcycle.moe.block import aux_loss
 from upcycle.train import checkpointing as ckpt
-from upcycle.train import distributed
+from upcycle.train import distributed, expert_sharding
 from upcycle.train.config import TrainConfig, to_yaml
 from upcycle.train.loop import run_loop
 from upcycle.train.model import build_model
@@ -100,6 +100,7 @@ class Trainer:
             raise UpcycleError(f"distributed: fsdp with optim.name={cfg.optim.name} is not supported (bitsandbytes' "
                                "optimizers do not step sharded parameters); use ddp, or optim.name=adamw")
         check_optimizer(cfg.optim.name)  # a missing bitsandbytes fails before anything is loaded
+        expert_sharding.check_request(cfg, d.world)
         micro_per_step = cfg.batch_size // cfg.micro_batch_size
         if micro_per_step % d.world:
             raise UpcycleError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size x processes "
@@ -118,6 +119,7 @@ class Trainer:
         kind = cfg.checkpoint_kind
         full_resume = self.resume_from if self.resume_from and kind == "full" else None
         model, self.tokenizer, self.model_info = build_model(cfg, d.device, source=full_resume)
+        expert_sharding.check_model(model, cfg)
         self.fingerprint = None
         if kind != "full":  # adapter or ESFT checkpoints: what was trained, over the recipe's model
             from upcycle.adapters import base_fingerprint
@@ -164,14 +166,17 @@ class Trainer:
                 when = f"every {cfg.eval_every} steps nor at the end" if cfg.eval_every else "at the end"
                 warnings.warn(f"no held-out data: {why}; no evaluation will run ({when}): set data.eval to a file or "
                               "dataset to evaluate on", stacklevel=2)
-        self.model = distributed.wrap(model, d, cfg.distributed)
+        # Expert parallelism cuts the experts before DDP / FSDP see them (after any adapter was loaded whole).
+        self.layout = expert_sharding.build_layout(model, d, cfg)
+        self.model = (expert_sharding.wrap(model, d, self.layout) if self.layout is not None
+                      else distributed.wrap(model, d, cfg.distributed))
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
         self.step = 0
         self.telemetry = RoutingTelemetry(self.model, warn=d.main)
         self.changes = {}
         if self.state is not None:
-            ckpt.restore(self.state, self.model, self.optimizer, self.scheduler, d)
+            ckpt.restore(self.state, self.model, self.optimizer, self.scheduler, d, layout=self.layout)
             self.step = int(self.state["step"])
             self.changes = ckpt.recipe_changes(self.state.get("recipe"), cfg)
             if d.main and "routing_sums" in self.state:
@@ -298,6 +303,8 @@ class Trainer:
             ce_sum += ce.detach().double().cpu()
             aux_sum += float(aux.detach())
             tokens += n_tok
+        if self.layout is not None and not self.layout.experts_fsdp:
+            self.layout.reduce_expert_grads()  # once per step, after the last micro-batch (as DDP's all-reduce)
         sums = d.all_sum(torch.tensor([ce_sum.item(), aux_sum, tokens], dtype=torch.float64))
         lm_loss, aux_mean = sums[0].item() / max(n_targets, 1), sums[1].item() / n_micro
         grad_norm = self._clip()
@@ -319,12 +326,18 @@ class Trainer:
                 "n_targets": n_targets, "grad_norm": grad_norm, "lr": lr}
 
     def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
+        if self.layout is not None:
+            return self.layout.clip_grad_norm(self.model, max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
             norm = norm.full_tensor()
         return float(norm)
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every gradient as one process would hold it, by parameter name, on the main process ({} elsewhere)."""
+        return expert_sharding.full_gradients(self.model, self.d, self.layout)
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -366,7 +379,8 @@ class Trainer:
             state["experts_subset"] = self.experts_subset  # a resume reuses the choice as it is
         return ckpt.save_checkpoint(cfg.out, self.step, self.model, self.optimizer, self.scheduler, state,
                                     kind=cfg.checkpoint_kind, tokenizer=self.tokenizer, base_path=cfg.model,
-                                    fingerprint=self.fingerprint, keep_last=cfg.keep_last, d=self.d)
+                                    fingerprint=self.fingerprint, keep_last=cfg.keep_last, d=self.d,
+                                    layout=self.layout)
 
     def run(self) -> dict:
         try:
@@ -382,7 +396,10 @@ def train(cfg: TrainConfig) -> dict:
     trainer = None
     try:
         trainer = Trainer(cfg)
-        return trainer.run()
+        summary = trainer.run()
+        # gloo aborts a rank whose peer tears the group down while a message is still in flight: leave together.
+        trainer.d.barrier()
+        return summary
     finally:
         distributed.shutdown()
 
