@@ -145,7 +145,7 @@ def _routing_note(facts: ExportFacts, dtype: torch.dtype | None) -> list[str]:
     name = str(dtype).removeprefix("torch.")
     return [f"note: engines route a {name} checkpoint in {name}, where logits of two copies can round to the "
             f"same value and a token's top-{facts.moe.top_k} then mixes segments of both (upcycle routes in "
-            "float32); export in float32 for the exact routing (README, 'Fine-grained exports')"]
+            "float32); export in float32 for the exact routing (README, 'upcycle export')"]
 
 
 def _facts(raw: dict, cfg: ExportConfig) -> ExportFacts:
