@@ -94,19 +94,30 @@ def _vllm_name(ckpt_name: str) -> str:
     name = re.sub(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$", ".experts.routed_experts.w13_weight", ckpt_name)
     name = re.sub(r"\.experts\.\d+\.(down_proj|w2)\.weight$", ".experts.routed_experts.w2_weight", name)
     name = re.sub(r"\.self_attn\.[qkv]_proj\.", ".self_attn.qkv_proj.", name)
+    name = re.sub(r"\.shared_expert\.(gate|up)_proj\.", ".shared_expert.gate_up_proj.", name)  # hf_to_vllm_mapper
     return re.sub(r"\.mlp\.(gate|up)_proj\.", ".mlp.gate_up_proj.", name)
 
 
-@pytest.mark.parametrize("arch,fmt,flags", [("llama", "qwen2_moe", []), ("qwen2", "qwen2_moe", ["--all-moe"]),
-                                            ("qwen3", "qwen3_moe", []), ("llama", "mixtral", ["--all-moe"])])
-def test_exports_fill_exactly_what_vllm_builds(tmp_path, arch, fmt, flags):
+FINE_SHARED = dict(moe=dict(num_experts=8, granularity=4, top_k=4), shared_neurons=32, shared_selection="random")
+
+
+@pytest.mark.parametrize("arch,fmt,flags,extra", [
+    ("llama", "qwen2_moe", [], {}), ("qwen2", "qwen2_moe", ["--all-moe"], {}), ("qwen3", "qwen3_moe", [], {}),
+    ("llama", "mixtral", ["--all-moe"], {}),
+    # Fine-grained with a shared expert (issue 20): E·G experts, `shared_expert` and its gate.
+    ("llama", "qwen2_moe", [], FINE_SHARED), ("qwen2", "qwen2_moe", [], FINE_SHARED),
+    ("llama", "qwen2_moe", ["--all-moe"], dict(shared_neurons=32, shared_selection="random")),
+    ("qwen3", "qwen3_moe", [], dict(moe=dict(num_experts=4, granularity=2, top_k=2))),
+])
+def test_exports_fill_exactly_what_vllm_builds(tmp_path, arch, fmt, flags, extra):
     from safetensors import safe_open
 
     dense = tmp_path / "dense"
     make_dense(arch, dense)
     make_char_tokenizer().save_pretrained(dense)
+    extra = dict(extra)
     upcycle.convert(ConvertConfig(out=str(tmp_path / "moe"), model=str(dense), layers=2, progress=False,
-                                  moe=MoEConfig(num_experts=4)))
+                                  moe=MoEConfig(**extra.pop("moe", dict(num_experts=4))), **extra))
     out = tmp_path / "out"
     assert main(["export", str(tmp_path / "moe"), "--format", fmt, *flags, "--out", str(out), "--no-progress"]) == 0
     cfg = json.loads((out / "config.json").read_text())
@@ -119,3 +130,15 @@ def test_exports_fill_exactly_what_vllm_builds(tmp_path, arch, fmt, flags):
     assert params - filled == set(), "vLLM parameters no checkpoint tensor fills"
     if fmt == "qwen3_moe":  # what vLLM reads (config.num_experts), not only transformers' num_local_experts
         assert cfg["num_experts"] == 4
+
+
+def test_an_export_is_served_only_where_every_column_that_applies_says_so():
+    """A fine-grained upcycle with a shared expert: each engine at its weakest cell of the columns that apply."""
+    every = serving_lines("qwen2_moe", "all-moe", "fine-grained", "shared")
+    assert every == ["exact (run here): transformers", "loads (its loader run here; forward read): vLLM 0.34.0",
+                     "exact by reading its source: SGLang 0.5.23"]
+    partial = serving_lines("qwen2_moe", "partial", "fine-grained", "shared")
+    assert partial[:2] == every[:2] and any(line.startswith("do NOT serve with SGLang") for line in partial)
+    assert serving_lines("gguf", "partial", "fine-grained", "shared") == [
+        "exact (run here): llama.cpp (llama-cpp-python 0.3.36)"]
+    assert serving_lines("mixtral", "all-moe", "shared") == []  # refused everywhere: export refuses it first

@@ -110,6 +110,9 @@ def _perturb(model_dir, out, seed: int, scale: float = 1.0):
             w.copy_(torch.randn(w.shape, generator=g) * scale * 0.5)
             d = block.experts.down_proj
             d.add_(torch.randn(d.shape, generator=g) * d.std() * 0.3)
+            if block.shared_expert is not None:  # so that a shared expert counted twice, half or not at all shows
+                for p in block.shared_expert.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.3)
     model.save_pretrained(out)
     from transformers import AutoTokenizer
 
@@ -133,8 +136,9 @@ def bpe_tokenizer(tmp_path_factory):
     return path
 
 
-def _tiny(tmp_path, tokenizer, arch="llama", layers=2, layer_ids=None, seed=0, **moe):
-    """A tiny dense model of ``arch`` (random q/k/v biases for Qwen2), upcycled and perturbed."""
+def _tiny(tmp_path, tokenizer, arch="llama", layers=2, layer_ids=None, seed=0, convert=None, **moe):
+    """A tiny dense model of ``arch`` (random q/k/v biases for Qwen2), upcycled (``convert``: more
+    ConvertConfig fields) and perturbed."""
     from transformers import AutoTokenizer
 
     dense = tmp_path / "dense"
@@ -149,7 +153,7 @@ def _tiny(tmp_path, tokenizer, arch="llama", layers=2, layer_ids=None, seed=0, *
     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(dense)
     span = dict(layer_ids=layer_ids) if layer_ids else dict(layers=layers)
     upcycle.convert(ConvertConfig(out=str(tmp_path / "fresh"), model=str(dense), progress=False, seed=seed,
-                                  moe=MoEConfig(num_experts=4, **moe), **span))
+                                  moe=MoEConfig(**{"num_experts": 4, **moe}), **span, **(convert or {})))
     return _perturb(tmp_path / "fresh", tmp_path / "moe", seed)
 
 
@@ -166,6 +170,22 @@ def _ids(n=24, seed=0):
     ("qwen2-no-normalize", "qwen2", dict(layers=2, normalize_topk=False), [], "glm4moe"),
     ("qwen3-qk-norm", "qwen3", dict(layers=2), [], "glm4moe"),
     ("qwen3-all-moe", "qwen3", dict(layers=1), ["--all-moe"], "glm4moe"),
+    # Fine-grained (2 copies x G segments, top-(K·G)) and shared experts (issue 20). The perturbed router gives
+    # every segment its own row, so tokens mix segments of both copies: a segment written under the wrong
+    # expert index, or a shared expert at the wrong scale, shows in the logits.
+    ("fine-grained-shared", "llama", dict(layers=2, num_experts=8, granularity=4, top_k=4,
+                                          convert=dict(shared_neurons=32, shared_selection="random")),
+     [], "ernie4_5-moe"),
+    ("fine-grained-all-layers", "llama", dict(layers=4, num_experts=4, granularity=2, top_k=2), [], "llama"),
+    ("shared-every-layer", "llama", dict(layers=4, convert=dict(shared_neurons=32, shared_selection="random")),
+     [], "ernie4_5-moe"),
+    ("shared-with-all-moe", "llama", dict(layers=1, top_k=2, convert=dict(shared_neurons=32,
+                                                                          shared_selection="random")),
+     ["--all-moe"], "ernie4_5-moe"),
+    # Qwen3's QK-norm: glm4moe, whose shared expert is a multiple of the experts' width (24 -> 52, zero-padded).
+    ("qwen3-fine-grained-shared", "qwen3", dict(layers=2, num_experts=4, granularity=2, top_k=2,
+                                                convert=dict(shared_neurons=24, shared_selection="random")),
+     [], "glm4moe"),
 ])
 def test_llama_cpp_runs_the_export_exactly(tmp_path, bpe_tokenizer, capsys, case, arch, kwargs, flags, gguf_arch):
     src = _tiny(tmp_path, bpe_tokenizer, arch, **kwargs)

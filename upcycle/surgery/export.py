@@ -40,6 +40,7 @@ from upcycle.surgery.hf_targets import (
     check_against_transformers,
     resolve_format,
     stock_config,
+    stock_expert_width,
     stock_pieces,
 )
 from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_file_names, write_index
@@ -122,10 +123,29 @@ def export(cfg: ExportConfig) -> ExportResult:
         else:
             fmt = resolve_format(facts, cfg.format)
             arch, total = _write_stock(src, facts, fmt, cfg, out, origin)
+        dtype = None if gguf else (DTYPES[cfg.dtype] if cfg.dtype else src.default_dtype)
     return ExportResult(out=cfg.out, format=fmt, architecture=arch, moe_layers=list(facts.moe_layers),
                         copied_layers=list(facts.copied_layers), bytes_written=total,
                         seconds=time.perf_counter() - t0,
-                        engines=serving_lines(fmt, "all-moe" if facts.all_moe else "partial"))
+                        engines=serving_lines(fmt, *_kinds(facts)) + _routing_note(facts, dtype))
+
+
+def _kinds(facts: ExportFacts) -> tuple[str, ...]:
+    """The engine table's columns that apply to ``facts`` (an engine must serve every one of them)."""
+    return (("all-moe" if facts.all_moe else "partial",) + (("fine-grained",) if facts.moe.granularity > 1 else ())
+            + (("shared",) if facts.shared_ffn else ()))
+
+
+def _routing_note(facts: ExportFacts, dtype: torch.dtype | None) -> list[str]:
+    """A fine-grained export in 16 bits: its engines route in that dtype, where two copies' logits can round
+    to the same value and a token's top-(K·G) then mixes their segments (docs/benchmarks.md measures it)."""
+    G = facts.moe.granularity
+    if G == 1 or dtype not in (torch.bfloat16, torch.float16):
+        return []
+    name = str(dtype).removeprefix("torch.")
+    return [f"note: engines route a {name} checkpoint in {name}, where logits of two copies can round to the "
+            f"same value and a token's top-{facts.moe.top_k} then mixes segments of both (upcycle routes in "
+            "float32); export in float32 for the exact routing (README, 'upcycle export')"]
 
 
 def _facts(raw: dict, cfg: ExportConfig) -> ExportFacts:
@@ -165,7 +185,7 @@ def _write_stock(src, facts: ExportFacts, fmt: str, cfg: ExportConfig, out: str,
                         cache.clear()
                         cache[piece.source] = src.get_tensor(piece.source)
                     t = piece.value(cache.get(piece.source))
-                    bar.update(writer.write(spec.name, t.to(spec.dtype)))
+                    bar.update(writer.write(spec.name, _cast(spec.name, t, spec.dtype)))
             except BaseException:
                 writer.abort()
                 raise
@@ -179,6 +199,18 @@ def _write_stock(src, facts: ExportFacts, fmt: str, cfg: ExportConfig, out: str,
         src.generation_config().save_pretrained(tmp)
         _write_readme(tmp, fmt, origin, src.fingerprint, facts)
     return config.architectures[0], total
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; UpcycleError where that overflows (float16 holds up to 65504; a Qwen2-MoE shared
+    expert's down_proj is written doubled). Raised mid-write, the output directory is never put in place."""
+    out = t.to(dtype)
+    if out.is_floating_point() and torch.isinf(out).any() and not torch.isinf(t).any():
+        raise UpcycleError(f"cannot export {name} as {str(dtype).removeprefix('torch.')}: its largest value "
+                           f"{t.abs().max().item():.4g} overflows it (largest {torch.finfo(dtype).max:.4g}"
+                           + ("; the shared expert's down_proj is written doubled" if ".shared_expert.down_proj" in name
+                              else "") + "); export in float32 or bfloat16")
+    return out
 
 
 def _add_legacy_expert_count(folder: str, num_experts: int) -> None:
@@ -237,11 +269,27 @@ def _resolved(spec: str, out: str):
     yield spec, os.path.abspath(spec)
 
 
+def _shape_line(facts: ExportFacts) -> str:
+    moe, out = facts.moe, ""
+    if moe.granularity > 1:
+        out += (f"\n* fine-grained: {moe.num_copies} copies of each MLP x {moe.granularity} segments of {facts.ffn} "
+                f"neurons; a copy's segments share one router row, so top-{moe.top_k} takes "
+                f"{moe.top_k // moe.granularity} whole {'copy' if moe.top_k == moe.granularity else 'copies'}")
+    width = stock_expert_width(facts)
+    if width > facts.ffn:
+        out += (f"\n* experts written {width} wide: {facts.ffn} neurons and {width - facts.ffn} zero ones (exactly 0), "
+                "for the 16-byte rows transformers' grouped_mm experts need")
+    if facts.shared_ffn:
+        out += (f"\n* shared expert: {facts.shared_ffn} neurons, always on; `shared_expert_gate` is zero (sigmoid(0) "
+                "= 1/2) and its `down_proj` is stored doubled, so it adds exactly its weight-1 output")
+    return out
+
+
 def _write_readme(tmp: str, fmt: str, origin: str, fingerprint: str, facts: ExportFacts) -> None:
     moe, up = facts.moe, facts.raw["upcycle"]
     copied = (f"; layers {', '.join(map(str, facts.copied_layers))} are {moe.num_experts} identical copies of "
               "their dense MLP (--all-moe)") if facts.copied_layers else ""
-    engines = "\n".join(f"* {line}" for line in serving_lines(fmt, "all-moe" if facts.all_moe else "partial"))
+    engines = "\n".join(f"* {line}" for line in serving_lines(fmt, *_kinds(facts)))
     text = f"""# Exported by upcycle {__version__}
 
 A stock `{fmt}` checkpoint: it loads without `upcycle`.
@@ -251,7 +299,7 @@ A stock `{fmt}` checkpoint: it loads without `upcycle`.
 * source: `{origin}` (fingerprint `{fingerprint}`)
 * upcycled from: `{up['source']['model']}` ({facts.family})
 * MoE layers: {', '.join(map(str, facts.moe_layers))} of {facts.num_layers}{copied}; {moe.num_experts} experts, \
-top-{moe.top_k} routing{' (weights renormalised)' if moe.normalize_topk else ''}
+top-{moe.top_k} routing{' (weights renormalised)' if moe.normalize_topk else ''}{_shape_line(facts)}
 """
     with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
         f.write(text)

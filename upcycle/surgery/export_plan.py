@@ -2,9 +2,10 @@
 
     facts = ExportFacts.of(raw_config)          # refuses, in one line, what no export carries
     facts.moe_layers, facts.dense_layers         # after ``with_all_moe()`` every layer is MoE
-    pieces = facts.layer_pieces(src, 3)          # [Piece]: which source tensor feeds which slot
+    srcs = facts.expert_sources(3)               # which source tensor (and view) feeds each expert slot
 
-Shape legend: E experts, F expert FFN width, D hidden size, H attention heads.
+Shape legend: E experts (E·G at granularity G: every segment is an expert), F expert FFN width
+(a segment's), F_s the shared expert's width, D hidden size, H attention heads.
 
 Both exports (stock transformers checkpoints in ``export.py``, GGUF in ``gguf_export.py``)
 walk the same facts, so a refusal means the same thing in both. A ``Piece`` is one output
@@ -15,7 +16,18 @@ so writers stream one source tensor at a time.
 router of zeros. All router logits tie, so whichever K experts an engine picks, renormalised
 top-K gives each 1/K and the sum is the dense MLP. The copies cost (E - 1) x that MLP's
 weights, and a token runs K copies where it ran one MLP. Without renormalisation the layer
-would give K/E x the MLP: refused.
+would give K/E x the MLP: refused. With a shared expert (granularity 1) the dense MLP is dealt
+out as convert deals an upcycled one: its first F_s neurons become the layer's shared expert
+(weight 1), the other F - F_s its E identical routed copies. At granularity G > 1 it is refused:
+under a router of zeros all E·G segments tie, and an engine may pick any K·G of them, not K whole
+copies (segment 0 of two copies and no segment 3, say).
+
+Fine-grained upcycles (``moe.granularity`` G > 1) need nothing else: their experts are the
+segments, stored with the 1/G share already given back in down_proj, and a copy's G segments
+have identical router rows, so any engine that routes renormalised top-(K·G) in float32 picks
+whole copies, as upcycle does (in bf16, logits of two copies can round to the same value: see
+the README's export section). Padding neurons are zero rows and columns and are exported as
+they are: they add exactly 0 in every engine.
 """
 
 from __future__ import annotations
@@ -67,9 +79,12 @@ class ExportFacts:
     moe: MoEConfig
     hidden: int
     ffn: int
-    """F: each expert's width (the dense MLP's)."""
+    """F: each routed expert's width (the dense MLP's at granularity 1, a segment's, padding included,
+    at G > 1)."""
     dense_ffn: int
     """Width of the dense MLPs that stay dense."""
+    shared_ffn: int
+    """F_s: the always-on shared expert's width (0: none)."""
     heads: int
     kv_heads: int
     head_dim: int
@@ -126,6 +141,7 @@ class ExportFacts:
             family=family, num_layers=n, moe_layers=tuple(sorted(up["layer_ids"])),
             upcycled_layers=tuple(sorted(up["layer_ids"])), moe=moe, hidden=raw["hidden_size"],
             ffn=mlp["ffn_size"], dense_ffn=raw.get("intermediate_size", mlp["ffn_size"]),
+            shared_ffn=int(mlp.get("shared_ffn_size", 0)),
             heads=raw["num_attention_heads"], kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
             head_dim=head_dim, vocab=raw["vocab_size"], qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
             attention_bias=bool(raw.get("attention_bias")), tie=bool(raw.get("tie_word_embeddings", False)),
@@ -135,13 +151,20 @@ class ExportFacts:
 
     def with_all_moe(self) -> ExportFacts:
         """Every dense layer's MLP as E identical experts (see the module docstring)."""
+        E, K, G = self.moe.num_experts, self.moe.top_k, self.moe.granularity
         if not self.moe.normalize_topk:
             raise UpcycleError(
                 "cannot export --all-moe without renormalised top-K: E identical copies under tied router "
-                f"logits would give {self.moe.top_k}/{self.moe.num_experts} of each dense MLP, not all of it")
-        if self.ffn != self.dense_ffn:
+                f"logits would give {K}/{E} of each dense MLP, not all of it")
+        if G > 1:
+            raise UpcycleError(
+                f"cannot export --all-moe at granularity {G}: under a router of zeros all {E} segments of a dense "
+                f"layer tie, and an engine may pick any {K} of them rather than {K // G} whole copies")
+        if self.ffn + self.shared_ffn != self.dense_ffn:
             raise UpcycleError(f"cannot export --all-moe: the dense MLPs are {self.dense_ffn} wide, the experts "
-                               f"{self.ffn} (one expert width per model)")
+                               f"{self.ffn}"
+                               + (f" plus a shared expert of {self.shared_ffn}" if self.shared_ffn else "")
+                               + " (the dense MLP must split into exactly those)")
         return replace(self, moe_layers=tuple(range(self.num_layers)))
 
     # ---------------------------------------------------------------- tensors
@@ -162,17 +185,32 @@ class ExportFacts:
         return names + [f"{self.layer_prefix(i)}.input_layernorm.weight",
                         f"{self.layer_prefix(i)}.post_attention_layernorm.weight"]
 
-    def expert_sources(self, i: int) -> dict[str, tuple[str, Callable | None]]:
-        """``gate`` [E, F, D], ``up`` [E, F, D], ``down`` [E, D, F], ``router`` [E, D] of MoE layer ``i``:
-        (source tensor, view) or, for a copied dense layer, its MLP repeated E times (router: None)."""
-        E, F, mp = self.moe.num_experts, self.ffn, f"{self.layer_prefix(i)}.mlp"
+    def expert_sources(self, i: int) -> dict[str, tuple[str | None, Callable | None]]:
+        """(source tensor, view) per part of MoE layer ``i``: ``gate`` [E, F, D], ``up`` [E, F, D], ``down``
+        [E, D, F], ``router`` [E, D] and, with a shared expert, ``shared_gate`` / ``shared_up`` [F_s, D],
+        ``shared_down`` [D, F_s]. A copied dense layer gives its MLP repeated E times (its first F_s neurons
+        as the shared expert, the rest as the copies) and no router tensor (zeros)."""
+        E, F, Fs, mp = self.moe.num_experts, self.ffn, self.shared_ffn, f"{self.layer_prefix(i)}.mlp"
         if i in self.upcycled_layers:
-            return {"gate": (f"{mp}.experts.gate_up_proj", lambda t: t[:, :F]),
-                    "up": (f"{mp}.experts.gate_up_proj", lambda t: t[:, F:]),
-                    "down": (f"{mp}.experts.down_proj", None), "router": (f"{mp}.router.weight", None)}
-        rep = lambda t: t.unsqueeze(0).expand(E, *t.shape)  # noqa: E731 - a view: no copy until written
-        return {"gate": (f"{mp}.gate_proj.weight", rep), "up": (f"{mp}.up_proj.weight", rep),
-                "down": (f"{mp}.down_proj.weight", rep), "router": (None, None)}
+            out = {"gate": (f"{mp}.experts.gate_up_proj", lambda t: t[:, :F]),
+                   "up": (f"{mp}.experts.gate_up_proj", lambda t: t[:, F:]),
+                   "down": (f"{mp}.experts.down_proj", None), "router": (f"{mp}.router.weight", None)}
+            if Fs:
+                out.update({f"shared_{p}": (f"{mp}.shared_expert.{p}_proj.weight", None)
+                            for p in ("gate", "up", "down")})
+            return out
+
+        def rep(t):  # a view: no copy until written
+            return t.unsqueeze(0).expand(E, *t.shape)
+
+        out = {"gate": (f"{mp}.gate_proj.weight", lambda t: rep(t[Fs:])),
+               "up": (f"{mp}.up_proj.weight", lambda t: rep(t[Fs:])),
+               "down": (f"{mp}.down_proj.weight", lambda t: rep(t[:, Fs:])), "router": (None, None)}
+        if Fs:
+            out.update({"shared_gate": (f"{mp}.gate_proj.weight", lambda t: t[:Fs]),
+                        "shared_up": (f"{mp}.up_proj.weight", lambda t: t[:Fs]),
+                        "shared_down": (f"{mp}.down_proj.weight", lambda t: t[:, :Fs])})
+        return out
 
     def check_tensors(self, src) -> None:
         """Every tensor the facts promise is in ``src`` with its shape, and ``src`` holds nothing else."""
@@ -187,6 +225,11 @@ class ExportFacts:
             if i in self.upcycled_layers:
                 want.update({f"{mp}.router.weight": (E, D), f"{mp}.experts.gate_up_proj": (E, 2 * F, D),
                              f"{mp}.experts.down_proj": (E, D, F)})
+                if self.shared_ffn:
+                    Fs = self.shared_ffn
+                    want.update({f"{mp}.shared_expert.gate_proj.weight": (Fs, D),
+                                 f"{mp}.shared_expert.up_proj.weight": (Fs, D),
+                                 f"{mp}.shared_expert.down_proj.weight": (D, Fs)})
             else:
                 FF = self.dense_ffn
                 want.update({f"{mp}.gate_proj.weight": (FF, D), f"{mp}.up_proj.weight": (FF, D),

@@ -7,24 +7,33 @@ Shape legend: E experts, F expert FFN width, D hidden size, V vocabulary, hd hea
 Which llama.cpp architecture (read in the llama.cpp that llama-cpp-python 0.3.36 vendors:
 src/models/{llama,ernie4-5,ernie4-5-moe,glm4-moe}.cpp, src/llama-graph.cpp ``build_moe_ffn``):
 
-* ``llama`` when every layer is MoE (natively or ``--all-moe``), top-K renormalised, no QK-norm:
-  ``llama_model_llama`` builds experts in every layer once ``expert_count`` > 0, and its graph
-  routes softmax -> top-K -> renormalise (``norm_w = true``) -> SwiGLU experts: our top-K. It is
-  the form Mixtral GGUFs have, which every llama.cpp-based tool reads.
-* ``ernie4_5-moe`` when the last layers are MoE, top-K renormalised, no QK-norm: its graph makes
-  layer i MoE iff i >= ``leading_dense_block_count`` and (i + 1) % ``interleave_moe_layer_step``
-  == 0, with softmax gating and ``norm_w = true`` fixed, and no shared expert unless its size is
-  given. Its loader (``llama_model_ernie4_5::load_arch_tensors``) wants MoE tensors in every layer
-  from the lead on, step or not, so only step 1 loads: MoE layers must be the last ones.
+* ``llama`` when every layer is MoE (natively or ``--all-moe``), top-K renormalised, no QK-norm,
+  no shared expert: ``llama_model_llama`` builds experts in every layer once ``expert_count`` > 0,
+  and its graph routes softmax -> top-K -> renormalise (``norm_w = true``) -> SwiGLU experts: our
+  top-K. It is the form Mixtral GGUFs have, which every llama.cpp-based tool reads. (Its loader
+  takes ``ffn_*_shexp`` tensors for Granite, but its graph never adds them: no shared expert.)
+* ``ernie4_5-moe`` when the last layers are MoE (or all of them, with a shared expert), top-K
+  renormalised, no QK-norm: its graph makes layer i MoE iff i >= ``leading_dense_block_count`` and
+  (i + 1) % ``interleave_moe_layer_step`` == 0, with softmax gating and ``norm_w = true`` fixed, and
+  adds a shared expert of ``expert_shared_feed_forward_length`` neurons with weight 1 when that is
+  > 0 (any width: ours as it is). Its loader (``llama_model_ernie4_5::load_arch_tensors``) wants
+  MoE tensors in every layer from the lead on, step or not, so only step 1 loads: MoE layers must
+  be the last ones.
 * ``glm4moe`` otherwise (top-K without renormalisation, or a Qwen3 base's QK-norm), again when the
   MoE layers are the last ones: ``leading_dense_block_count`` dense layers, then MoE with the gating
   function and ``expert_weights_norm`` from the file (softmax; our flag), optional per-head
   ``attn_q_norm`` / ``attn_k_norm`` RMSNorm before RoPE (Qwen3's). Its graph always adds a shared
-  expert, and one it does not find is not skipped: ``build_ffn`` with no weights returns silu(x).
-  So every MoE layer gets an all-zero shared expert (width F: llama.cpp ties it to the experts'),
-  which adds exactly 0 and costs one more F-wide MLP per token and layer; its expert selection
-  bias ``exp_probs_b`` (required) is written as zeros.
+  expert with weight 1, and one it does not find is not skipped: ``build_ffn`` with no weights
+  returns silu(x). Its width is ``expert_shared_count`` x the experts' width, so our shared expert
+  of F_s neurons is written padded with zero neurons to the next multiple of F (a zero up row and
+  down column add exactly 0); without one, an all-zero shared expert of width F is written, which
+  adds exactly 0 and costs one more F-wide MLP per token and layer. Its expert selection bias
+  ``exp_probs_b`` (required) is written as zeros.
 * anything else (MoE layers that are not the last ones, unless every layer is) is refused: ``--all-moe``.
+
+Fine-grained upcycles (granularity G) need nothing more: E·G experts of F/G neurons, top-(K·G),
+and the router stays F32 in every outtype, so a copy's G identical router rows give identical logits
+in llama.cpp too and its top-(K·G) takes whole copies (tests/test_llama_cpp.py).
 
 RoPE: ``llama`` and ``ernie4_5-moe`` rotate pairs of adjacent values (llama.cpp's NORM RoPE), where
 transformers rotates the two halves of each head; their q/k rows (and q/k biases) are reordered
@@ -78,8 +87,13 @@ def plan_gguf(facts: ExportFacts) -> GGUFPlan:
         raise _refuse(f"MoE layers {','.join(map(str, f.moe_layers))} of {f.num_layers}: llama.cpp's architectures "
                       "run MoE in the last layers only (dense ones first); export with --all-moe")
     if f.moe.normalize_topk and not f.qk_norm:
-        return GGUFPlan("llama", 0) if f.all_moe else GGUFPlan("ernie4_5-moe", lead)
+        return GGUFPlan("llama", 0) if f.all_moe and not f.shared_ffn else GGUFPlan("ernie4_5-moe", lead)
     return GGUFPlan("glm4moe", lead)
+
+
+def glm4moe_shared_count(facts: ExportFacts) -> int:
+    """glm4moe's ``expert_shared_count``: its shared expert is that many times the experts' width F."""
+    return max(1, -(-facts.shared_ffn // facts.ffn))
 
 
 def _to_norm_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -121,11 +135,32 @@ def gguf_pieces(facts: ExportFacts, plan: GGUFPlan, shape_of) -> list[Piece]:
             out.append(Piece(f"{b}.ffn_{part}_exps.weight", shape, *srcs[part]))
         if plan.arch == "glm4moe":
             out.append(Piece(f"{b}.exp_probs_b.bias", (E,), None, role="router"))
-            out += [Piece(f"{b}.ffn_gate_shexp.weight", (F, D), None), Piece(f"{b}.ffn_up_shexp.weight", (F, D), None),
-                    Piece(f"{b}.ffn_down_shexp.weight", (D, F), None)]
+        out += _shared_pieces(f, plan, b, srcs)
     out.append(copy("output_norm.weight", "model.norm.weight", "norm"))
     if not f.tie:
         out.append(copy("output.weight", "lm_head.weight"))
+    return out
+
+
+def _shared_pieces(f: ExportFacts, plan: GGUFPlan, b: str, srcs: dict) -> list[Piece]:
+    """``ffn_{gate,up,down}_shexp`` of one MoE layer: ours as it is (ernie4_5-moe), padded with zero neurons
+    to glm4moe's width (an all-zero one where there is none), or nothing (see the module docstring)."""
+    D, Fs = f.hidden, f.shared_ffn
+    if plan.arch == "glm4moe":
+        W = glm4moe_shared_count(f) * f.ffn
+    elif Fs and plan.arch == "ernie4_5-moe":
+        W = Fs
+    else:
+        return []
+    out = []
+    for part, shape in (("gate", (W, D)), ("up", (W, D)), ("down", (D, W))):
+        if not Fs:
+            out.append(Piece(f"{b}.ffn_{part}_shexp.weight", shape, None))
+            continue
+        source, view = srcs[f"shared_{part}"]
+        pad = (0, W - Fs) if part == "down" else (0, 0, 0, W - Fs)  # zero neurons: down columns, gate/up rows
+        take = (lambda t, v=view, p=pad: torch.nn.functional.pad(v(t) if v else t, p)) if W > Fs else view
+        out.append(Piece(f"{b}.ffn_{part}_shexp.weight", shape, source, take))
     return out
 
 
@@ -179,8 +214,10 @@ def _hparams(w, facts: ExportFacts, plan: GGUFPlan) -> None:
         w.add_leading_dense_block_count(plan.lead)
     if plan.arch == "ernie4_5-moe":
         w.add_uint32(f"{plan.arch}.interleave_moe_layer_step", 1)  # gguf 0.16 has no add_ method for it
+        if f.shared_ffn:
+            w.add_uint32(f"{plan.arch}.expert_shared_feed_forward_length", f.shared_ffn)
     if plan.arch == "glm4moe":
-        w.add_expert_shared_count(1)
+        w.add_expert_shared_count(glm4moe_shared_count(f))
         w.add_expert_weights_norm(f.moe.normalize_topk)
         w.add_expert_weights_scale(1.0)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)

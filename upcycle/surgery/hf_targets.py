@@ -10,16 +10,31 @@ Qwen-MoE / Mixtral checkpoints have (``mlp.experts.3.gate_proj.weight``,
 engines' loaders map (SGLang 0.5.23 ``Qwen2MoeForCausalLM.load_weights`` through
 ``FusedMoE.make_expert_params_mapping``; vLLM's loader run on them, benchmarks/vllm_load_check.py).
 
-Nothing of size 0 is written. Qwen2-MoE always has a shared expert; its size is 0 here, so
-transformers builds zero-element ``shared_expert.*`` weights that a checkpoint cannot fill,
-and vLLM builds none at all (``Qwen2MoeSparseMoeBlock``: ``shared_expert = None`` when
-``shared_expert_intermediate_size`` is 0) and fails on such names. ``shared_expert_gate``
-[1, D] exists in both and is written as zeros (sigmoid(0) x an output of 0 adds nothing).
+Nothing of size 0 is written. Qwen2-MoE always has a shared expert; without one in the upcycle
+its size is 0, so transformers builds zero-element ``shared_expert.*`` weights that a checkpoint
+cannot fill, and vLLM builds none at all (``Qwen2MoeSparseMoeBlock``: ``shared_expert = None``
+when ``shared_expert_intermediate_size`` is 0) and fails on such names. ``shared_expert_gate``
+[1, D] exists in both and is written as zeros.
+
+An upcycle's shared expert (weight 1, always on) goes to Qwen2-MoE's ``shared_expert`` (width
+``shared_expert_intermediate_size`` = F_s), which Qwen2-MoE scales by sigmoid(``shared_expert_gate``
+x) per token: with that gate at zero the scale is sigmoid(0) = 1/2 exactly, so its ``down_proj``
+is written doubled. Doubling is exact in binary floating point (the exponent moves, the
+significand does not) unless it overflows, and it commutes with every rounding of the matmul
+above the subnormal range: x (2W)^T / 2 = x W^T bit for bit, in float32, bfloat16 and float16
+alike. An fp16 export whose doubled weights would overflow is refused (``export._write_stock``).
+Mixtral and Qwen3-MoE have no shared expert: refused, naming qwen2_moe.
+
+Expert widths are written rounded up to a multiple of 8 with zero neurons (``EXPERT_ALIGN``: a
+zero gate/up row and down column add exactly 0), so that transformers' default experts
+implementation can run them; a fine-grained segment (F/G, less the shared neurons) need not be.
 """
 
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.surgery.export_plan import ExportFacts, Piece
@@ -34,7 +49,7 @@ def resolve_format(facts: ExportFacts, fmt: str) -> str:
         return fmt
     if facts.family == "qwen3":
         return "qwen3_moe"
-    if facts.all_moe and not facts.qkv_bias and facts.moe.normalize_topk:
+    if facts.all_moe and not facts.qkv_bias and facts.moe.normalize_topk and not facts.shared_ffn:
         return "mixtral"
     return "qwen2_moe"
 
@@ -47,6 +62,12 @@ def _refuse(fmt: str, why: str, could: str | None = None) -> UpcycleError:
 def stock_config(facts: ExportFacts, fmt: str):
     """The transformers config of ``fmt`` for ``facts``; UpcycleError for what ``fmt`` cannot carry."""
     f, n = facts, facts.num_layers
+    if f.shared_ffn and fmt in ("mixtral", "qwen3_moe"):
+        name = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE"}[fmt]
+        if f.qk_norm:
+            raise _refuse(fmt, f"a shared expert ({name} has none, and qwen2_moe, which has one, has no QK-norm)",
+                          "--format gguf")
+        raise _refuse(fmt, f"a shared expert ({name} has none)", "qwen2_moe")
     if fmt == "mixtral":
         if not f.all_moe:
             could = "qwen3_moe" if f.family == "qwen3" else "qwen2_moe"
@@ -63,7 +84,8 @@ def stock_config(facts: ExportFacts, fmt: str):
             raise _refuse(fmt, "attention biases (Mixtral attention has none)")
     elif fmt == "qwen2_moe":
         if f.qk_norm:
-            raise _refuse(fmt, "QK-norm (Qwen2-MoE attention has none)", "qwen3_moe")
+            raise _refuse(fmt, "QK-norm (Qwen2-MoE attention has none)",
+                          "--format gguf" if f.shared_ffn else "qwen3_moe")
         if f.attention_bias:
             raise _refuse(fmt, "attention output biases (Qwen2-MoE has q/k/v biases only)")
         if f.head_dim * f.heads != f.hidden:
@@ -91,16 +113,17 @@ def stock_config(facts: ExportFacts, fmt: str):
     if fmt == "mixtral":
         from transformers import MixtralConfig
 
-        config = MixtralConfig(**common, intermediate_size=f.ffn, num_local_experts=f.moe.num_experts,
+        config = MixtralConfig(**common, intermediate_size=stock_expert_width(f), num_local_experts=f.moe.num_experts,
                                head_dim=f.head_dim, sliding_window=f.window)
         config.architectures = ["MixtralForCausalLM"]
         return config
-    moe_common = dict(moe_intermediate_size=f.ffn, norm_topk_prob=f.moe.normalize_topk, decoder_sparse_step=1,
+    moe_common = dict(moe_intermediate_size=stock_expert_width(f), norm_topk_prob=f.moe.normalize_topk,
+                      decoder_sparse_step=1,
                       mlp_only_layers=list(f.dense_layers), intermediate_size=f.dense_ffn, use_sliding_window=False)
     if fmt == "qwen2_moe":
         from transformers import Qwen2MoeConfig
 
-        config = Qwen2MoeConfig(**common, **moe_common, shared_expert_intermediate_size=0,
+        config = Qwen2MoeConfig(**common, **moe_common, shared_expert_intermediate_size=f.shared_ffn,
                                 num_experts=f.moe.num_experts)
         config.architectures = ["Qwen2MoeForCausalLM"]
         return config
@@ -110,6 +133,18 @@ def stock_config(facts: ExportFacts, fmt: str):
                             attention_bias=f.attention_bias)
     config.architectures = ["Qwen3MoeForCausalLM"]
     return config
+
+
+EXPERT_ALIGN = 8
+"""Expert widths in the stock formats are multiples of this (zero neurons added): transformers' default experts
+implementation (``grouped_mm``, transformers/integrations/moe.py, 5.25) calls ``torch.nn.functional.grouped_mm``,
+which raises "strides should be multiple of 16 bytes" unless rows are 16-byte aligned (4 float32 or 8 bfloat16
+values), on CPU and CUDA alike. Fine-grained segments (F/G, shared neurons taken out, padding) need not be."""
+
+
+def stock_expert_width(facts: ExportFacts) -> int:
+    """The experts' width as written: F rounded up to ``EXPERT_ALIGN``."""
+    return -(-facts.ffn // EXPERT_ALIGN) * EXPERT_ALIGN
 
 
 def stock_pieces(facts: ExportFacts, fmt: str, shape_of) -> list[Piece]:
@@ -136,20 +171,35 @@ def stock_pieces(facts: ExportFacts, fmt: str, shape_of) -> list[Piece]:
         if i not in f.moe_layers:
             out += [copy(f"{lp}.mlp.{p}_proj.weight") for p in ("gate", "up", "down")]
             continue
-        E, F, D = f.moe.num_experts, f.ffn, f.hidden
+        E, F, D, Fp = f.moe.num_experts, f.ffn, f.hidden, stock_expert_width(f)
         srcs = f.expert_sources(i)
         router, _ = srcs["router"]
         out.append(Piece(f"{lp}.{moe_name}.gate.weight", (E, D), router, role="router"))
         for e in range(E):
-            for part, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
+            for part, shape in (("gate", (Fp, D)), ("up", (Fp, D)), ("down", (D, Fp))):
                 source, view = srcs[part]
-                take = (lambda t, v=view, e=e: (v(t) if v else t)[e])
+                pad = (0, Fp - F) if part == "down" else (0, 0, 0, Fp - F)  # zero neurons: columns / rows
+                take = (lambda t, v=view, e=e, p=pad: torch.nn.functional.pad((v(t) if v else t)[e], p))
                 out.append(Piece(f"{lp}.{moe_name}.experts.{e}.{w[part]}.weight", shape, source, take))
         if fmt == "qwen2_moe":
-            out.append(Piece(f"{lp}.mlp.shared_expert_gate.weight", (1, D), None, role="router"))
+            out += _shared_pieces(f, lp, srcs)
     out.append(copy("model.norm.weight", "norm"))
     if not f.tie:
         out.append(copy("lm_head.weight"))
+    return out
+
+
+def _shared_pieces(f: ExportFacts, lp: str, srcs: dict) -> list[Piece]:
+    """Qwen2-MoE's ``shared_expert`` (when the upcycle has one: its down_proj doubled) and its gate of zeros:
+    sigmoid(0) = 1/2 exactly (module docstring)."""
+    out = []
+    if f.shared_ffn:
+        Fs, D = f.shared_ffn, f.hidden
+        for part, shape in (("gate", (Fs, D)), ("up", (Fs, D)), ("down", (D, Fs))):
+            source, view = srcs[f"shared_{part}"]
+            take = view if part != "down" else (lambda t, v=view: (v(t) if v else t) * 2)
+            out.append(Piece(f"{lp}.mlp.shared_expert.{part}_proj.weight", shape, source, take))
+    out.append(Piece(f"{lp}.mlp.shared_expert_gate.weight", (1, f.hidden), None, role="router"))
     return out
 
 
