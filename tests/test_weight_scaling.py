@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -80,3 +81,28 @@ def test_weight_scaling_without_raw_weights_is_refused(tmp_path, capsys, extra):
     err = capsys.readouterr().err
     assert code == 2 and "--weight-scaling needs --no-normalize" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_only_raw_weights_give_the_router_a_copy_level_gradient_at_t0(tmp_path):
+    # Why the router order matters for an upcycle: at t = 0 every copy computes the same function, so with
+    # renormalised weights moving weight between chosen copies changes nothing, and the LM loss's gradient
+    # summed over a copy's G router rows is zero (its rows only move apart: de-grouping). Raw probabilities
+    # scale the layer's output with the chosen mass, a signal every copy's rows get from the first step.
+    make_dense("llama", tmp_path / "dense")
+    ids = torch.randint(5, 110, (4, 32), generator=torch.Generator().manual_seed(0))
+    copy_grad = {}
+    for normalize, top_k in ((True, 4), (True, 8), (False, 4)):
+        moe = MoEConfig(num_experts=32, granularity=4, top_k=top_k, normalize_topk=normalize,
+                        aux_loss_weight=0.0, z_loss_weight=0.0)
+        out = tmp_path / f"{normalize}{top_k}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weight-scaling note
+            upcycle.convert(ConvertConfig(out=str(out), model=str(tmp_path / "dense"), layers=2, moe=moe,
+                                          progress=False, weight_scaling=not normalize))
+        model = upcycle.load(str(out), experts_backend="loop")
+        model(input_ids=ids, labels=ids).loss.backward()
+        for name, block in moe_blocks(model).items():
+            g = block.router.weight.grad
+            copy_grad[normalize, top_k, name] = (g.view(8, 4, -1).sum(1).norm() / g.norm()).item()
+    for (normalize, _, _), ratio in copy_grad.items():
+        assert ratio < 1e-5 if normalize else ratio > 0.3, copy_grad
