@@ -17,8 +17,9 @@ larger N extends a finished study):
    documents, and held-out documents no stage trains on; ``init/``: a byte-level BPE tokenizer
    trained on the train documents and a randomly initialised Llama (``--gpu``: the embedded
    SmolLM2-135M and its tokenizer instead, no base stage).
-2. ``base/``: ``upcycle train`` of the dense model from scratch (warmup, then a constant
-   learning rate, so the base is mid-training, not saturated or annealed, where it branches).
+2. ``base/``: ``upcycle train`` of the dense model from scratch (warmup, then cosine to 0.1 of
+   the peak: a finished, annealed model, as continued pretraining starts from; ``--set
+   base_decay=constant`` branches mid-training instead, docs part 1).
 3. ``branches/NAME/``: from the base's last checkpoint, each branch upcycles it
    (``upcycle convert``, the last half of the layers; ``models/NAME/``) or keeps it dense, and
    continues with ``upcycle train`` on the same tokens in the same order, same learning rates, a
