@@ -98,6 +98,23 @@ def test_trained_upcycle_with_qkv_biases(tmp_path):
     _same(tmp_path / "trained", tmp_path / "q2", tmp_path)
 
 
+def test_softmax_then_topk_upcycle_with_weight_scaling(tmp_path):
+    """Fine-grained, raw top-K weights and E/K in the down projections (He et al.'s softmax-then-top-K): the
+    scale lives in the weights, and qwen2_moe with norm_topk_prob false carries it."""
+    dense = tmp_path / "dense"
+    make_dense("llama", dense)
+    make_char_tokenizer().save_pretrained(dense)
+    moe = MoEConfig(num_experts=8, granularity=2, top_k=2, normalize_topk=False)
+    with pytest.warns(UserWarning, match="weight scaling"):
+        upcycle.convert(ConvertConfig(out=str(tmp_path / "moe"), model=str(dense), layers=2, moe=moe, progress=False,
+                                      weight_scaling=True))
+    assert main(["export", str(tmp_path / "moe"), "--format", "qwen2_moe", "--out", str(tmp_path / "q"),
+                 "--no-progress"]) == 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["norm_topk_prob"] is False and cfg["num_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    _same(tmp_path / "moe", tmp_path / "q", tmp_path)
+
+
 def test_lora_adapter_exports_through_its_base(tmp_path):
     from upcycle.adapters import LoraConfig, apply_lora, merge_command, save_adapter
 

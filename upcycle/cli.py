@@ -75,6 +75,9 @@ def _add_convert(sub) -> None:
         "experts per token; a multiple of G (default 2, or G with --granularity G: one copy's worth, the dense "
         "model's FLOPs)"))
     p.add_argument("--no-normalize", action="store_true", help="top-K: keep raw softmax combine weights")
+    p.add_argument("--weight-scaling", action="store_true", help=(
+        "with --no-normalize (softmax-then-top-K, He et al. 2024): multiply the experts' down projections by E/K, "
+        "so that a uniform router gives the dense output (close to it at t=0, not exact)"))
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="top-K: cap each expert at ceil(c*n*K/E) tokens and drop the rest (default: dropless)")
     p.add_argument("--capacity", type=float, default=None, help="expert choice: capacity factor C (default 2.0)")
@@ -144,7 +147,7 @@ def _convert(a) -> None:
     cfg = ConvertConfig(out=out, model=a.model, layers=a.layers, layer_ids=a.layer_ids, moe=moe,
                         expert_noise=a.expert_noise, reinit_ratio=a.reinit_ratio, router_std=a.router_std,
                         seed=a.seed, dtype=a.dtype, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
-                        progress=not a.no_progress, permute_copies=a.permute_copies,
+                        progress=not a.no_progress, permute_copies=a.permute_copies, weight_scaling=a.weight_scaling,
                         shared_fraction=a.shared_fraction, shared_neurons=a.shared_neurons,
                         shared_selection=a.shared_selection or "activation", calibration=a.calibration or "shakespeare",
                         calibration_tokens=4096 if a.calibration_tokens is None else a.calibration_tokens)

@@ -112,6 +112,12 @@ class ConvertConfig:
     """Router weights ~ N(0, router_std)."""
     seed: int = 0
     """Seed for the router, the noise, the re-initialisation, the copies' permutations and a random shared set."""
+    weight_scaling: bool = False
+    """Softmax-then-top-K upcycling (He et al. 2024; needs ``moe.normalize_topk`` False): each routed
+    expert's down projection (and bias) is multiplied by ``num_experts / top_k`` (E/K copies), the
+    inverse of what K chosen probabilities sum to under a uniform router. The upcycle then equals the
+    dense model only where the router is uniform: close at t=0, not exact (``router_std`` > 0). The
+    scale lives in the weights, so an export that keeps raw top-K weights (qwen2_moe) is still exact."""
     permute_copies: bool = False
     """Fine-grained: each copy's routed neurons get their own seeded random order before the copy is
     split into ``moe.granularity`` segments, so segment g of two copies holds different neurons

@@ -42,6 +42,9 @@ from upcycle.surgery.writer import ShardWriter, TensorSpec, plan_shards, shard_f
 from upcycle.version import __version__
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SCALING_WARNING = (
+    "softmax-then-top-K with weight scaling: the routed experts' down projections are multiplied by {scale:g} "
+    "(E/K); the upcycle equals the dense model only where the router is uniform, so at t=0 it is close, not exact")
 
 
 @dataclass
@@ -95,6 +98,10 @@ def _validate(cfg: ConvertConfig) -> None:
         raise UpcycleError(f"--top-k {moe.top_k} is not a multiple of --granularity {G}: top-K must take whole "
                            f"copies (K = G per copy) for the upcycle to equal the dense model; "
                            f"--top-k {G} has the dense model's FLOPs")
+    if cfg.weight_scaling and (moe.routing != "topk" or moe.normalize_topk):
+        raise UpcycleError("--weight-scaling needs --no-normalize (top-K routing): it compensates raw top-K "
+                           "probabilities; renormalised weights are exact already, and scaling them would "
+                           f"multiply the experts' output by {moe.num_experts / moe.top_k:g}")
     if cfg.permute_copies and G == 1:
         raise UpcycleError("--permute-copies needs --granularity > 1: reordering a whole copy's neurons changes "
                            "nothing (a permuted MLP is the same MLP)")
@@ -264,7 +271,9 @@ def _upcycle_section(src: Source, spec: ArchSpec, cfg: ConvertConfig, layer_ids,
         "mlp": {"hidden_size": D, "ffn_size": w.expert, "gated": spec.form.gated, "activation": spec.form.activation,
                 "bias": spec.form.bias, "dense_ffn_size": F, "shared_ffn_size": w.shared, "padding": w.padding},
         "init": {"method": init, "expert_noise": cfg.expert_noise, "reinit_ratio": cfg.reinit_ratio,
-                 "router_std": cfg.router_std, "seed": cfg.seed, "permute_copies": cfg.permute_copies},
+                 "router_std": cfg.router_std, "seed": cfg.seed, "permute_copies": cfg.permute_copies,
+                 # The routed down projections' factor on top of G (softmax-then-top-K; 1.0: none).
+                 "weight_scaling": cfg.moe.num_experts / cfg.moe.top_k if cfg.weight_scaling else 1.0},
         **({"shared": shared} if shared else {}),
         # Absolute (an alias or hub id as given): whatever reopens it checks the fingerprint (models/recorded.py).
         "source": {"model": record_source(src.spec), "kind": src.kind, "fingerprint": src.fingerprint},
@@ -316,6 +325,8 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
             plan.shared_idx, shared = choose_shared(src, spec, layer_ids, plan.widths, cfg)
         for message in routing_scheme(cfg.moe).convert_warnings():
             warnings.warn(message, stacklevel=2)
+        if cfg.weight_scaling:
+            warnings.warn(WEIGHT_SCALING_WARNING.format(scale=cfg.moe.num_experts / cfg.moe.top_k), stacklevel=2)
         shards = plan_shards([o for o, _ in plan.outputs], cfg.max_shard_size)
         total = sum(o.nbytes for o, _ in plan.outputs)
         free = shutil.disk_usage(_existing_ancestor(parent)).free

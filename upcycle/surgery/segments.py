@@ -26,6 +26,13 @@ format; another G rounds once in the stored dtype. The routed down bias is 0 wit
 (which holds ``b_d``); without one every segment holds ``b_d`` unscaled, and a copy's G segments
 add ``G * (w_c / G) * b_d = w_c * b_d``, ``b_d`` over the chosen copies (weights summing to 1).
 
+Softmax-then-top-K (``weight_scaling``, He et al. 2024): the combine weights are raw probabilities,
+which under a uniform router are 1/(E*G) per segment, K*G segments chosen: the routed down projection
+and bias are multiplied by E/K on top of G (in the down projection again, never inside the activation;
+Megatron-LM's ``upcycling_utils`` puts the cube root of the whole scale on gate, up and down alike,
+which is not a scale of the output for a gated MLP). It is the dense model only where the router is
+uniform, so a fresh upcycle is close to it, not equal.
+
 Expert noise and Drop-Upcycling act on a copy's routed neurons at the dense scale, before its
 down projection is scaled: a perturbation means at G > 1 what it means at G = 1, and the shared
 neurons (every token's path) and the padding are never perturbed. With G = 1 and no shared expert
@@ -162,6 +169,9 @@ class ExpertMaker:
         keep[shared_idx] = False
         self.shared_idx, self.routed_idx = shared_idx, keep.nonzero().squeeze(1)
         self._copy: tuple[int, dict] | None = None
+        # Softmax-then-top-K (``weight_scaling``): K chosen probabilities sum to K/E under a uniform router.
+        moe = cfg.moe
+        self.routed_scale = moe.num_experts / moe.top_k if cfg.weight_scaling else 1.0
 
     def _gen(self, copy: int, what: int) -> torch.Generator:
         return generator(self.cfg.seed, self.layer, copy, what)
@@ -219,13 +229,15 @@ class ExpertMaker:
     def expert(self, j: int, which: str, dtype: torch.dtype) -> Tensor:
         """Expert ``j`` (segment j % G of copy j // G): ``up`` [M_e, D], ``down`` [D, F_e], ``up_bias``
         [M_e], ``down_bias`` [D], in ``dtype``."""
-        G = self.w.granularity
+        G, s = self.w.granularity, self.routed_scale
         if which == "down_bias":
             b = self.b_down_D if self.w.shared == 0 else torch.zeros_like(self.b_down_D)
-            return b.to(dtype)
+            return (b.float() * s).to(dtype) if s != 1 else b.to(dtype)
         t = self._segment(j // G, j % G)[which]
-        if which == "down" and G > 1:
-            t = t.float() * G  # the segment's 1/G share of its copy's weight, given back (module docstring)
+        if which == "down" and G * s != 1:
+            # The segment's 1/G share of its copy's weight given back (module docstring), times E/K with
+            # weight scaling: the one place a scale is exact for every MLP form.
+            t = t.float() * (G * s)
         return t.to(dtype)
 
     def shared(self, which: str, dtype: torch.dtype) -> Tensor:
