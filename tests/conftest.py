@@ -96,6 +96,18 @@ def make_upcycled(path, *, experts: int = 4, layers: int = 2, routing: str = "to
     return path
 
 
+def assert_readme_block(name: str, expected: str, command: str) -> None:
+    """README.md's generated block ``<!-- NAME:start -->...<!-- NAME:end -->`` is ``expected``; ``command``
+    (python code that prints it) is what the failure message tells the reader to run."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    block = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", readme, re.S)
+    assert block, f"README.md lost its generated {name} table"
+    assert block.group(1) == expected, (
+        f"README.md's {name} table is stale: paste the output of python -c '{command}'")
+
+
 def llama_cpp_dir():
     """The llama.cpp tree vendored by the pinned llama-cpp-python sdist (``make engines`` unpacks it and sets
     ``UPCYCLE_LLAMA_CPP``): its ``convert_hf_to_gguf.py`` and ``gguf-py`` make the GGUF test fixtures.

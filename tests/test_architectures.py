@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 import torch
-from conftest import make_char_tokenizer
+from conftest import assert_readme_block, make_char_tokenizer
 from families import make_family, tiny_config
 from tolerances import TOLERANCES
 
@@ -183,9 +182,5 @@ def test_other_architectures_are_refused_in_one_line(tmp_path, capsys, model_typ
 
 
 def test_readme_lists_the_table():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    block = re.search(r"<!-- families:start -->\n(.*?)<!-- families:end -->", readme, re.S)
-    assert block, "README.md lost its generated families table"
-    assert block.group(1) == families_markdown(), (
-        "README.md's families table is stale: paste the output of "
-        "python -c 'from upcycle.arch import families_markdown; print(families_markdown(), end=\"\")'")
+    assert_readme_block("families", families_markdown(),
+                        'from upcycle.arch import families_markdown; print(families_markdown(), end="")')

@@ -25,11 +25,10 @@ export that drifts from them:
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
-from conftest import make_char_tokenizer, make_dense
+from conftest import assert_readme_block, make_char_tokenizer, make_dense
 
 import upcycle
 from upcycle import ConvertConfig, MoEConfig
@@ -45,12 +44,8 @@ def test_every_cell_has_a_verdict_and_a_reason():
 
 
 def test_readme_lists_the_engine_table():
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
-    block = re.search(r"<!-- engines:start -->\n(.*?)<!-- engines:end -->", readme, re.S)
-    assert block, "README.md lost its generated engine table"
-    assert block.group(1) == engines_markdown(), (
-        "README.md's engine table is stale: paste the output of "
-        "python -c 'from upcycle.surgery.engines import engines_markdown; print(engines_markdown(), end=\"\")'")
+    assert_readme_block("engines", engines_markdown(),
+                        'from upcycle.surgery.engines import engines_markdown; print(engines_markdown(), end="")')
 
 
 def test_sglang_is_named_as_wrong_for_partial_moe_and_right_for_all_moe():
