@@ -394,7 +394,7 @@ def wrap(model: nn.Module, d, layout: ExpertLayout) -> nn.Module:
             # pytorch#155915): a plain SUM and one division afterwards instead.
             experts.set_force_sum_reduction_for_comms(True)
     else:  # no replicas to shard over: plain tensors, their gradients divided by the world after the last micro-batch
-        ignored = set(layout.expert_params()) | {p for m in layout.expert_modules.values() for p in m.parameters()}
+        ignored = {p for m in layout.expert_modules.values() for p in m.parameters()}
     for layer in decoder_layers(model):
         fully_shard(layer, ignored_params=ignored)
     fully_shard(model, ignored_params=ignored)
